@@ -1,0 +1,36 @@
+"""activepath: sparse Mixture-of-Experts inference — only what is used is executed."""
+
+from __future__ import annotations
+
+from .adapters import OptimizeOptions, supported_model_types
+from .combine import combine
+from .dispatch import DispatchPlan, plan_dispatch
+from .experts import ActivationConfig, ExpertWeights, backend_names, get_backend, register_backend
+from .integrate import load, moe_layers, optimize
+from .layer import MoEStats, SharedExperts, SparseMoE
+from .routing import Router, RouterConfig, RoutingResult, route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationConfig",
+    "DispatchPlan",
+    "ExpertWeights",
+    "MoEStats",
+    "OptimizeOptions",
+    "Router",
+    "RouterConfig",
+    "RoutingResult",
+    "SharedExperts",
+    "SparseMoE",
+    "backend_names",
+    "combine",
+    "get_backend",
+    "load",
+    "moe_layers",
+    "optimize",
+    "plan_dispatch",
+    "register_backend",
+    "route",
+    "supported_model_types",
+]

@@ -1,0 +1,18 @@
+"""OLMoE: softmax, top-k, renormalised when ``norm_topk_prob`` (off in OLMoE-1B-7B)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..layer import SparseMoE
+from ..routing import Router
+from .base import FamilyAdapter, OptimizeOptions, finish, softmax_router_config, stacked_experts
+
+
+def convert(block: nn.Module, config: object, options: OptimizeOptions) -> nn.Module:
+    rc = softmax_router_config(config, block.experts.num_experts, options, normalize_topk=config.norm_topk_prob)
+    moe = SparseMoE(Router(rc, block.gate.weight), stacked_experts(block.experts, config.hidden_act))
+    return finish(moe, options)
+
+
+ADAPTER = FamilyAdapter(model_type="olmoe", block_class="OlmoeSparseMoeBlock", convert=convert)

@@ -1,0 +1,62 @@
+# route → [dispatch] → experts → combine
+"""Dispatch: group token-slots by expert, without a Python loop over tokens.
+
+A *slot* is one (token, k) pair, numbered ``t * K + k``. Shape legend: T tokens,
+K experts per token, S = T*K slots, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Slots sorted by expert.
+
+    ``order_S[j]`` is the slot at sorted position j; expert e owns sorted positions
+    ``offsets[e]:offsets[e+1]``. ``counts`` and ``offsets`` are plain ints because the
+    expert loop needs them on the host anyway; reading them once here is the only sync.
+    """
+
+    order_S: torch.Tensor
+    token_idx_S: torch.Tensor
+    counts_E: torch.Tensor
+    counts: tuple[int, ...]
+    offsets: tuple[int, ...]
+    num_tokens: int
+    top_k: int
+
+    @property
+    def active_experts(self) -> tuple[int, ...]:
+        """Experts that received at least one slot, ascending."""
+        return tuple(e for e, n in enumerate(self.counts) if n)
+
+
+def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """Sort the slots of ``topk_ids_TK`` (int, [T, K]) by expert.
+
+    The sort is stable, so inside an expert's group slots stay in token order: the plan
+    is a pure function of the routing, whatever the thread count.
+    """
+    if topk_ids_TK.dim() != 2:
+        raise ValueError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids_TK.shape)}")
+    num_tokens, top_k = topk_ids_TK.shape
+    ids_S = topk_ids_TK.reshape(-1)
+    if ids_S.numel() and (int(ids_S.min()) < 0 or int(ids_S.max()) >= num_experts):
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids_S.min()}..{ids_S.max()}")
+    order_S = torch.sort(ids_S, stable=True).indices
+    counts_E = torch.bincount(ids_S, minlength=num_experts)
+    counts = tuple(counts_E.tolist())
+    offsets = (0, *torch.cumsum(counts_E, 0).tolist())
+    return DispatchPlan(
+        order_S=order_S,
+        token_idx_S=order_S // top_k,
+        counts_E=counts_E,
+        counts=counts,
+        offsets=tuple(int(o) for o in offsets),
+        num_tokens=num_tokens,
+        top_k=top_k,
+    )

@@ -1,0 +1,221 @@
+# route → dispatch → [experts] → combine
+"""Experts: run each active expert's gated MLP on the slots dispatched to it.
+
+Shape legend: S slots (sorted by expert), H hidden, I expert intermediate size,
+E experts, 2I fused gate+up width.
+
+Weights stay stacked and colocated, exactly as the source model holds them:
+``w_gate_up`` is ``[E, 2I, H]`` (or ``[E, H, 2I]`` when ``transposed``, as GPT-OSS stores
+it), ``w_down`` is ``[E, H, I]`` (or ``[E, I, H]``). Nothing is copied per token or per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import as_parameter
+from ._common import check_choice
+from .dispatch import DispatchPlan
+
+ActivationKind = Literal["silu", "gelu", "gelu_tanh", "clamped_swiglu"]
+_HF_ACTIVATIONS: dict[str, ActivationKind] = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationConfig:
+    """The gate nonlinearity. ``clamped_swiglu`` is GPT-OSS: ``(up + 1) * g * sigmoid(alpha g)``
+    with gate clamped above at ``limit`` and up clamped to ``[-limit, limit]``.
+    ``interleaved`` means gate/up alternate along 2I (GPT-OSS) instead of [gate | up]."""
+
+    kind: ActivationKind = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+    interleaved: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("activation", self.kind, ("silu", "gelu", "gelu_tanh", "clamped_swiglu"))
+        if not self.limit > 0:
+            raise ValueError(f"activation limit must be > 0, got {self.limit}")
+
+    @staticmethod
+    def from_hf(hidden_act: str) -> ActivationConfig:
+        """Map a transformers ``hidden_act`` name onto a gated activation."""
+        if hidden_act not in _HF_ACTIVATIONS:
+            raise ValueError(f"hidden_act={hidden_act!r} is not supported; expected one of {sorted(_HF_ACTIVATIONS)}")
+        return ActivationConfig(kind=_HF_ACTIVATIONS[hidden_act])
+
+
+def gated_activation(config: ActivationConfig, gate_up_S2I: torch.Tensor) -> torch.Tensor:
+    """[S, 2I] fused projections → [S, I] activated product."""
+    if config.interleaved:
+        gate_SI, up_SI = gate_up_S2I[..., ::2], gate_up_S2I[..., 1::2]
+    else:
+        gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
+    if config.kind == "silu":
+        return F.silu(gate_SI) * up_SI
+    if config.kind == "gelu":
+        return F.gelu(gate_SI) * up_SI
+    if config.kind == "gelu_tanh":
+        return F.gelu(gate_SI, approximate="tanh") * up_SI
+    gate_SI = gate_SI.clamp(max=config.limit)
+    up_SI = up_SI.clamp(min=-config.limit, max=config.limit)
+    return (up_SI + 1) * (gate_SI * torch.sigmoid(gate_SI * config.alpha))
+
+
+class ExpertWeights(nn.Module):
+    """The stacked expert parameters of one MoE layer (shared with the source model)."""
+
+    def __init__(
+        self,
+        w_gate_up: torch.Tensor,
+        w_down: torch.Tensor,
+        activation: ActivationConfig,
+        *,
+        transposed: bool = False,
+        b_gate_up_E2I: torch.Tensor | None = None,
+        b_down_EH: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        num_experts, hidden, inter = _check_shapes(w_gate_up, w_down, transposed, b_gate_up_E2I, b_down_EH)
+        self.w_gate_up = as_parameter(w_gate_up)
+        self.w_down = as_parameter(w_down)
+        self.b_gate_up = None if b_gate_up_E2I is None else as_parameter(b_gate_up_E2I)
+        self.b_down = None if b_down_EH is None else as_parameter(b_down_EH)
+        self.activation = activation
+        self.transposed = transposed
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden, inter
+
+    def gate_up(self, x_SH: torch.Tensor, e: int) -> torch.Tensor:
+        """Fused gate/up projection of expert ``e``: [S, H] → [S, 2I]."""
+        return _linear(x_SH, self.w_gate_up[e], None if self.b_gate_up is None else self.b_gate_up[e], self.transposed)
+
+    def down(self, h_SI: torch.Tensor, e: int, out_SH: torch.Tensor | None = None) -> torch.Tensor:
+        """Down projection of expert ``e``: [S, I] → [S, H], written into ``out_SH`` when given."""
+        bias = None if self.b_down is None else self.b_down[e]
+        return _linear(h_SI, self.w_down[e], bias, self.transposed, out_SH)
+
+    def mlp(self, x_SH: torch.Tensor, e: int, out_SH: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``e``'s whole gated MLP on ``x_SH``."""
+        return self.down(gated_activation(self.activation, self.gate_up(x_SH, e)), e, out_SH)
+
+
+def _linear(
+    x_SK: torch.Tensor,
+    w: torch.Tensor,
+    bias_N: torch.Tensor | None,
+    transposed: bool,
+    out_SN: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W`` for ``w`` stored as [K, N] (transposed) or [N, K] (the nn.Linear layout)."""
+    w_KN = w if transposed else w.t()
+    if bias_N is not None:
+        return torch.addmm(bias_N, x_SK, w_KN, out=out_SN) if out_SN is not None else torch.addmm(bias_N, x_SK, w_KN)
+    return torch.mm(x_SK, w_KN, out=out_SN) if out_SN is not None else torch.mm(x_SK, w_KN)
+
+
+ExpertsBackend = Callable[[ExpertWeights, torch.Tensor, DispatchPlan], torch.Tensor]
+"""(weights, x_TH, plan) → expert outputs in dispatch order, [S, H], dtype of x_TH."""
+
+_BACKENDS: dict[str, ExpertsBackend] = {}
+
+
+def register_backend(name: str, fn: ExpertsBackend) -> None:
+    """Make ``fn`` selectable as ``backend=name``. ``reference`` cannot be replaced."""
+    if name == "reference" and "reference" in _BACKENDS:
+        raise ValueError("the 'reference' backend is fixed; register yours under another name")
+    _BACKENDS[name] = fn
+
+
+def get_backend(name: str) -> ExpertsBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown experts backend {name!r}; registered: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(sorted(_BACKENDS))
+
+
+def reference_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Obviously correct: every expert, one slot at a time, in fp32, then cast."""
+    out_SH = torch.zeros(len(plan.order_S), weights.hidden_size, dtype=torch.float32, device=x_TH.device)
+    token_idx = plan.token_idx_S.tolist()
+    for e in range(weights.num_experts):
+        for j in range(plan.offsets[e], plan.offsets[e + 1]):
+            x_1H = x_TH[token_idx[j]].unsqueeze(0).float()
+            out_SH[j] = _fp32_mlp(weights, x_1H, e)[0]
+    return out_SH.to(x_TH.dtype)
+
+
+def _fp32_mlp(weights: ExpertWeights, x_1H: torch.Tensor, e: int) -> torch.Tensor:
+    w_gu = weights.w_gate_up[e].float()
+    w_dn = weights.w_down[e].float()
+    gate_up = x_1H @ w_gu if weights.transposed else x_1H @ w_gu.t()
+    if weights.b_gate_up is not None:
+        gate_up = gate_up + weights.b_gate_up[e].float()
+    h = gated_activation(weights.activation, gate_up)
+    y = h @ w_dn if weights.transposed else h @ w_dn.t()
+    return y if weights.b_down is None else y + weights.b_down[e].float()
+
+
+def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Fast path: one gathered activation matrix, one GEMM pair per *active* expert.
+
+    Idle experts are never touched. Expert weights are read in place (views of the
+    stacked tensors); only activations are gathered.
+    """
+    x_SH = x_TH.index_select(0, plan.token_idx_S)
+    out_SH = torch.empty_like(x_SH)
+    # Writing straight into the output slice saves a copy, but out= has no autograd.
+    in_place = not torch.is_grad_enabled()
+    for e in plan.active_experts:
+        lo, hi = plan.offsets[e], plan.offsets[e + 1]
+        if in_place:
+            weights.mlp(x_SH[lo:hi], e, out_SH[lo:hi])
+        else:
+            out_SH[lo:hi] = weights.mlp(x_SH[lo:hi], e)
+    return out_SH
+
+
+register_backend("reference", reference_experts)
+register_backend("grouped", grouped_experts)
+
+
+def _check_shapes(
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    transposed: bool,
+    b_gate_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+) -> tuple[int, int, int]:
+    if w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError(f"expert weights must be 3-D, got {tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
+    if w_gate_up.dtype != w_down.dtype:
+        raise TypeError(f"expert weight dtypes differ: gate_up {w_gate_up.dtype}, down {w_down.dtype}")
+    if transposed:
+        (e, h, i2), want_down = w_gate_up.shape, (w_gate_up.shape[0], w_gate_up.shape[2] // 2, w_gate_up.shape[1])
+    else:
+        (e, i2, h), want_down = w_gate_up.shape, (w_gate_up.shape[0], w_gate_up.shape[2], w_gate_up.shape[1] // 2)
+    if i2 % 2 or tuple(w_down.shape) != want_down:
+        layout = "[E, H, 2I] / [E, I, H]" if transposed else "[E, 2I, H] / [E, H, I]"
+        raise ValueError(
+            f"expert weights must be {layout}; got gate_up {tuple(w_gate_up.shape)}, down {tuple(w_down.shape)}"
+        )
+    if b_gate_up is not None and tuple(b_gate_up.shape) != (e, i2):
+        raise ValueError(f"gate_up bias must be [{e}, {i2}], got {tuple(b_gate_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (e, h):
+        raise ValueError(f"down bias must be [{e}, {h}], got {tuple(b_down.shape)}")
+    return e, h, i2 // 2
+

@@ -1,0 +1,163 @@
+# [route] → [dispatch] → [experts] → [combine], composed
+"""The sparse MoE layer: routing, dispatch, expert compute and combine, plus shared experts.
+
+Shape legend: T tokens, H hidden, E experts, K experts per token, S = T*K slots.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .combine import combine
+from .dispatch import plan_dispatch
+from .experts import ExpertWeights, get_backend
+from .routing import Router, RoutingResult
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """What one call did. Times are wall seconds per stage (``shared_s`` is the dense
+    shared-expert path); ``tokens_per_expert_E`` counts slots routed to each expert."""
+
+    tokens_per_expert_E: torch.Tensor
+    routing_s: float
+    dispatch_s: float
+    experts_s: float
+    combine_s: float
+    shared_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.routing_s + self.dispatch_s + self.experts_s + self.combine_s + self.shared_s
+
+    @property
+    def routing_overhead_ratio(self) -> float:
+        """(routing + dispatch + combine) / layer time: the cost of being sparse."""
+        total = self.total_s
+        return (self.routing_s + self.dispatch_s + self.combine_s) / total if total > 0 else 0.0
+
+
+class SharedExperts(nn.Module):
+    """Dense experts every token passes through (DeepSeek), optionally scaled by a
+    per-token sigmoid gate (Qwen2-MoE). ``mlp`` is the source model's own module."""
+
+    def __init__(self, mlp: nn.Module, gate: nn.Module | None = None) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.gate = gate
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        y_TH = self.mlp(x_TH)
+        return y_TH if self.gate is None else torch.sigmoid(self.gate(x_TH)) * y_TH
+
+
+class SparseMoE(nn.Module):
+    """Routes each token to its top-k experts and runs only those.
+
+    Structural parts (router, expert weights, shared experts) are fixed at construction;
+    ``backend`` and ``collect_stats`` are per-call settings that may change at any time.
+    After a call with ``collect_stats=True``, ``last_stats`` holds its ``MoEStats``.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        experts: ExpertWeights,
+        shared: SharedExperts | None = None,
+        *,
+        backend: str = "grouped",
+        collect_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        if router.config.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router has {router.config.num_experts} experts but expert weights hold {experts.num_experts}"
+            )
+        if router.hidden_size != experts.hidden_size:
+            raise ValueError(
+                f"hidden size mismatch: router expects {router.hidden_size}, experts {experts.hidden_size}"
+            )
+        self.router = router
+        self.experts = experts
+        self.shared = shared
+        self.backend = backend
+        self.collect_stats = collect_stats
+        self.last_stats: MoEStats | None = None
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        get_backend(name)  # raises on an unknown name, before any call
+        self._backend = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [..., H] → [..., H], same dtype."""
+        return self.forward_with_routing(x)[0]
+
+    def forward_with_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+        """Like ``forward``, also returning the routing decisions (flattened to [T, K])."""
+        self._check_input(x)
+        x_TH = x.reshape(-1, x.shape[-1])
+        if self.collect_stats:
+            y_TH, routing, self.last_stats = self._forward_timed(x_TH)
+        else:
+            y_TH, routing = self._forward(x_TH)
+        return y_TH.view(x.shape), routing
+
+    def _forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+        routing = self.router(x_TH)
+        plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts)
+        out_SH = get_backend(self._backend)(self.experts, x_TH, plan)
+        y_TH = combine(out_SH, plan, routing.topk_weights_TK)
+        return (y_TH if self.shared is None else y_TH + self.shared(x_TH)), routing
+
+    def _forward_timed(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, RoutingResult, MoEStats]:
+        clock = _StageClock(x_TH.device)
+        routing = self.router(x_TH)
+        routing_s = clock.lap()
+        plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts)
+        dispatch_s = clock.lap()
+        out_SH = get_backend(self._backend)(self.experts, x_TH, plan)
+        experts_s = clock.lap()
+        y_TH = combine(out_SH, plan, routing.topk_weights_TK)
+        combine_s = clock.lap()
+        if self.shared is not None:
+            y_TH = y_TH + self.shared(x_TH)
+        shared_s = clock.lap()
+        stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
+        return y_TH, routing, stats
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SparseMoE expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.experts.hidden_size:
+            raise ValueError(
+                f"input hidden size {tuple(x.shape)[-1:]} does not match the layer's {self.experts.hidden_size}"
+            )
+        if x.dtype != self.experts.w_gate_up.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match expert weights {self.experts.w_gate_up.dtype}")
+
+
+class _StageClock:
+    """Wall-clock laps; on an accelerator, synchronised so a lap is the stage's own time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else None
+        self._last = self._now()
+
+    def _now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self._last = now - self._last, now
+        return elapsed

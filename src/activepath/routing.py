@@ -1,0 +1,174 @@
+# [route] → dispatch → experts → combine
+"""Routing: score every expert for every token, keep the top-k, weight them.
+
+Shape legend: T tokens, H hidden, E experts, K experts per token, G expert groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import as_parameter
+from ._common import check_choice
+from ._common import check_positive_int
+
+Scoring = Literal["softmax", "sigmoid"]
+Order = Literal["score_then_topk", "topk_then_softmax"]
+GroupScore = Literal["top2_sum", "max"]
+LogitsPrecision = Literal["input", "fp32"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """How a family turns router logits into expert choices and weights.
+
+    ``order="topk_then_softmax"`` is GPT-OSS: top-k over raw logits, then a softmax over
+    the k kept logits. Grouped top-k (DeepSeek) first keeps the ``topk_group`` best of
+    ``n_group`` expert groups, ranked by ``group_score``. ``logits_precision`` says whether
+    the router matmul runs in the input dtype (Mixtral, Qwen, OLMoE, GPT-OSS) or in fp32
+    (DeepSeek); the scores after it are always fp32, as in the reference models.
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: Scoring = "softmax"
+    order: Order = "score_then_topk"
+    normalize_topk: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: GroupScore = "top2_sum"
+    routed_scaling_factor: float = 1.0
+    logits_precision: LogitsPrecision = "input"
+
+    def __post_init__(self) -> None:
+        check_positive_int("num_experts", self.num_experts)
+        check_positive_int("top_k", self.top_k)
+        check_positive_int("n_group", self.n_group)
+        check_positive_int("topk_group", self.topk_group)
+        check_choice("scoring", self.scoring, ("softmax", "sigmoid"))
+        check_choice("order", self.order, ("score_then_topk", "topk_then_softmax"))
+        check_choice("group_score", self.group_score, ("top2_sum", "max"))
+        check_choice("logits_precision", self.logits_precision, ("input", "fp32"))
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.num_experts % self.n_group:
+            raise ValueError(f"num_experts={self.num_experts} must be divisible by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
+        if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+            raise ValueError(
+                f"topk_group={self.topk_group} groups of {self.num_experts // self.n_group} experts "
+                f"cannot supply top_k={self.top_k} experts"
+            )
+        if self.order == "topk_then_softmax" and (self.scoring != "softmax" or self.n_group != 1):
+            raise ValueError("order='topk_then_softmax' needs scoring='softmax' and n_group=1")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+
+
+@dataclass(frozen=True)
+class RoutingResult:
+    """Expert choices per token. ``topk_weights_TK`` is fp32; ``logits_TE`` as computed."""
+
+    topk_ids_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor
+    logits_TE: torch.Tensor
+
+
+class Router(nn.Module):
+    """Holds the gate weights (shared with the source model, never copied) and routes."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        weight_EH: torch.Tensor,
+        bias_E: torch.Tensor | None = None,
+        correction_bias_E: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if weight_EH.dim() != 2 or weight_EH.shape[0] != config.num_experts:
+            raise ValueError(
+                f"router weight must be [num_experts={config.num_experts}, hidden], got {tuple(weight_EH.shape)}"
+            )
+        for name, vec in (("bias", bias_E), ("correction_bias", correction_bias_E)):
+            if vec is not None and tuple(vec.shape) != (config.num_experts,):
+                raise ValueError(f"router {name} must be [{config.num_experts}], got {tuple(vec.shape)}")
+        self.config = config
+        self.weight = as_parameter(weight_EH)
+        self.bias = None if bias_E is None else as_parameter(bias_E)
+        # Selection-only bias (DeepSeek-V3): shifts which experts win, never their weights.
+        self.register_buffer("correction_bias", correction_bias_E, persistent=False)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    def forward(self, x_TH: torch.Tensor) -> RoutingResult:
+        return route(self.config, x_TH, self.weight, self.bias, self.correction_bias)
+
+
+def route(
+    config: RouterConfig,
+    x_TH: torch.Tensor,
+    weight_EH: torch.Tensor,
+    bias_E: torch.Tensor | None = None,
+    correction_bias_E: torch.Tensor | None = None,
+) -> RoutingResult:
+    """Route tokens ``x_TH`` to ``config.top_k`` experts each.
+
+    Ties are broken by ``torch.topk`` on the same fp32 scores the reference models use,
+    so choices are a pure function of each token's own row (deterministic, batch-invariant).
+    """
+    logits_TE = _router_logits(config, x_TH, weight_EH, bias_E)
+    if config.order == "topk_then_softmax":
+        top_logits_TK, topk_ids_TK = torch.topk(logits_TE.float(), config.top_k, dim=-1)
+        weights_TK = torch.softmax(top_logits_TK, dim=-1)
+        return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
+
+    scores_TE = _scores(config, logits_TE)
+    choice_TE = scores_TE if correction_bias_E is None else scores_TE + correction_bias_E.float()
+    if config.n_group > 1:
+        choice_TE = _mask_losing_groups(config, choice_TE)
+    topk_ids_TK = torch.topk(choice_TE, config.top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, topk_ids_TK)
+    if config.normalize_topk:
+        # The 1e-20 matches DeepSeek; for softmax scores the sum is never near zero anyway.
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if config.routed_scaling_factor != 1.0:
+        weights_TK = weights_TK * config.routed_scaling_factor
+    return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
+
+
+def _router_logits(
+    config: RouterConfig, x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Tensor | None
+) -> torch.Tensor:
+    if config.logits_precision == "fp32":
+        bias32 = None if bias_E is None else bias_E.float()
+        return F.linear(x_TH.float(), weight_EH.float(), bias32)
+    return F.linear(x_TH, weight_EH, bias_E)
+
+
+def _scores(config: RouterConfig, logits_TE: torch.Tensor) -> torch.Tensor:
+    if config.scoring == "softmax":
+        return torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    return torch.sigmoid(logits_TE.float())
+
+
+def _mask_losing_groups(config: RouterConfig, choice_TE: torch.Tensor) -> torch.Tensor:
+    """Keep the ``topk_group`` best expert groups per token; the rest can never win."""
+    per_group = config.num_experts // config.n_group
+    choice_TGE = choice_TE.view(-1, config.n_group, per_group)
+    if config.group_score == "max":
+        group_scores_TG = choice_TGE.max(dim=-1).values
+    else:
+        group_scores_TG = choice_TGE.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    kept_TG = torch.topk(group_scores_TG, config.topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, kept_TG, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand_as(choice_TGE).reshape_as(choice_TE)
+    return choice_TE.masked_fill(~keep_TE, float("-inf"))
+

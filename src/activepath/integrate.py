@@ -11,6 +11,7 @@ from torch import nn
 
 from .adapters import OptimizeOptions, adapter_for, supported_model_types
 from .layer import SparseMoE
+from .models import embedded_path
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -44,7 +45,8 @@ def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          backend: str = "grouped", collect_stats: bool = False, top_k: int | None = None) -> nn.Module:
-    """Load a checkpoint directory (config.json + *.safetensors) and return it optimized.
+    """Load a checkpoint directory (config.json + *.safetensors), or an embedded model by
+    name (``"tiny"``), and return it optimized.
 
     Per-expert keys as saved on disk are stacked by transformers' own loader; pickle
     checkpoints (*.bin) are refused. ``dtype`` is a torch dtype or one of
@@ -66,7 +68,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
 def _checkpoint_dir(path: str | Path) -> Path:
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
-    directory = Path(path)
+    directory = embedded_path(path) if isinstance(path, str) else None
+    directory = directory or Path(path)
     if not (directory / "config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a checkpoint directory: no config.json there")
     if not any(directory.glob("*.safetensors")):

@@ -149,25 +149,25 @@ def backend_names() -> tuple[str, ...]:
 
 
 def reference_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Obviously correct: every expert, one slot at a time, in fp32, then cast."""
-    out_SH = torch.zeros(len(plan.order_S), weights.hidden_size, dtype=torch.float32, device=x_TH.device)
+    """Obviously correct: every expert, one slot at a time, in fp32 (or wider), then cast."""
+    acc = torch.promote_types(x_TH.dtype, torch.float32)
+    out_SH = torch.zeros(len(plan.order_S), weights.hidden_size, dtype=acc, device=x_TH.device)
     token_idx = plan.token_idx_S.tolist()
     for e in range(weights.num_experts):
         for j in range(plan.offsets[e], plan.offsets[e + 1]):
-            x_1H = x_TH[token_idx[j]].unsqueeze(0).float()
-            out_SH[j] = _fp32_mlp(weights, x_1H, e)[0]
+            out_SH[j] = _wide_mlp(weights, x_TH[token_idx[j]].unsqueeze(0).to(acc), e)[0]
     return out_SH.to(x_TH.dtype)
 
 
-def _fp32_mlp(weights: ExpertWeights, x_1H: torch.Tensor, e: int) -> torch.Tensor:
-    w_gu = weights.w_gate_up[e].float()
-    w_dn = weights.w_down[e].float()
+def _wide_mlp(weights: ExpertWeights, x_1H: torch.Tensor, e: int) -> torch.Tensor:
+    acc = x_1H.dtype
+    w_gu, w_dn = weights.w_gate_up[e].to(acc), weights.w_down[e].to(acc)
     gate_up = x_1H @ w_gu if weights.transposed else x_1H @ w_gu.t()
     if weights.b_gate_up is not None:
-        gate_up = gate_up + weights.b_gate_up[e].float()
+        gate_up = gate_up + weights.b_gate_up[e].to(acc)
     h = gated_activation(weights.activation, gate_up)
     y = h @ w_dn if weights.transposed else h @ w_dn.t()
-    return y if weights.b_down is None else y + weights.b_down[e].float()
+    return y if weights.b_down is None else y + weights.b_down[e].to(acc)
 
 
 def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -73,7 +73,8 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class RoutingResult:
-    """Expert choices per token. ``topk_weights_TK`` is fp32; ``logits_TE`` as computed."""
+    """Expert choices per token. ``topk_weights_TK`` is fp32 (float64 for float64 input);
+    ``logits_TE`` as computed."""
 
     topk_ids_TK: torch.Tensor
     topk_weights_TK: torch.Tensor
@@ -126,12 +127,12 @@ def route(
     """
     logits_TE = _router_logits(config, x_TH, weight_EH, bias_E)
     if config.order == "topk_then_softmax":
-        top_logits_TK, topk_ids_TK = torch.topk(logits_TE.float(), config.top_k, dim=-1)
+        top_logits_TK, topk_ids_TK = torch.topk(logits_TE.to(_score_dtype(logits_TE)), config.top_k, dim=-1)
         weights_TK = torch.softmax(top_logits_TK, dim=-1)
         return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
 
     scores_TE = _scores(config, logits_TE)
-    choice_TE = scores_TE if correction_bias_E is None else scores_TE + correction_bias_E.float()
+    choice_TE = scores_TE if correction_bias_E is None else scores_TE + correction_bias_E.to(scores_TE.dtype)
     if config.n_group > 1:
         choice_TE = _mask_losing_groups(config, choice_TE)
     topk_ids_TK = torch.topk(choice_TE, config.top_k, dim=-1).indices
@@ -154,9 +155,13 @@ def _router_logits(
 
 
 def _scores(config: RouterConfig, logits_TE: torch.Tensor) -> torch.Tensor:
-    if config.scoring == "softmax":
-        return torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    return torch.sigmoid(logits_TE.float())
+    logits_TE = logits_TE.to(_score_dtype(logits_TE))
+    return torch.softmax(logits_TE, dim=-1) if config.scoring == "softmax" else torch.sigmoid(logits_TE)
+
+
+def _score_dtype(t: torch.Tensor) -> torch.dtype:
+    # fp32 for every half precision, as the reference models do; float64 stays float64.
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _mask_losing_groups(config: RouterConfig, choice_TE: torch.Tensor) -> torch.Tensor:

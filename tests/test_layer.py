@@ -1,0 +1,196 @@
+"""SparseMoE and its stages on tiny shapes: every backend against the float64 oracle,
+awkward token counts and loads, dispatch/combine invariants, stats, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from activepath import (
+    ActivationConfig,
+    ExpertWeights,
+    Router,
+    RouterConfig,
+    SharedExperts,
+    SparseMoE,
+    backend_names,
+    plan_dispatch,
+    register_backend,
+)
+from activepath.tolerances import tolerance
+from oracle import moe_oracle
+
+H, I, E, K = 32, 24, 8, 2
+ACTIVATIONS = {
+    "silu": (ActivationConfig(kind="silu"), False, False),
+    "gelu": (ActivationConfig(kind="gelu"), False, False),
+    "gelu_tanh": (ActivationConfig(kind="gelu_tanh"), False, False),
+    "gpt_oss": (ActivationConfig(kind="clamped_swiglu", alpha=1.702, limit=1.5, interleaved=True), True, True),
+}
+
+
+def make_layer(act: str = "silu", dtype: torch.dtype = torch.float32, seed: int = 0, top_k: int = K,
+               hot_expert: int | None = None, dead_experts: tuple[int, ...] = (), shared: bool = False) -> SparseMoE:
+    activation, transposed, biases = ACTIVATIONS[act]
+    gen = torch.Generator().manual_seed(seed)
+    w_gu = torch.randn((E, H, 2 * I) if transposed else (E, 2 * I, H), generator=gen) / H**0.5
+    w_dn = torch.randn((E, I, H) if transposed else (E, H, I), generator=gen) / I**0.5
+    b_gu = 0.1 * torch.randn(E, 2 * I, generator=gen) if biases else None
+    b_dn = 0.1 * torch.randn(E, H, generator=gen) if biases else None
+    router_w = torch.randn(E, H, generator=gen)
+    correction = torch.zeros(E)
+    if hot_expert is not None:
+        correction[hot_expert] = 1e4  # selection-only bias: every token picks it
+    correction[list(dead_experts)] = -1e4  # never picked
+    cfg = RouterConfig(num_experts=E, top_k=top_k, scoring="sigmoid" if hot_expert is not None or dead_experts else "softmax",
+                       normalize_topk=True)
+    router = Router(cfg, router_w, correction_bias_E=correction if cfg.scoring == "sigmoid" else None)
+    experts = ExpertWeights(w_gu, w_dn, activation, transposed=transposed, b_gate_up_E2I=b_gu, b_down_EH=b_dn)
+    shared_mod = None
+    if shared:
+        mlp = torch.nn.Sequential(torch.nn.Linear(H, I, bias=False), torch.nn.SiLU(), torch.nn.Linear(I, H, bias=False))
+        shared_mod = SharedExperts(mlp, gate=torch.nn.Linear(H, 1, bias=False))
+    return SparseMoE(router, experts, shared_mod).to(dtype)
+
+
+def check_against_oracle(layer: SparseMoE, x_TH: torch.Tensor) -> None:
+    with torch.no_grad():
+        routing = layer.router(x_TH)
+        y_TH = layer(x_TH)
+        expected = moe_oracle(layer.experts, x_TH, routing.topk_ids_TK, routing.topk_weights_TK)
+        if layer.shared is not None:
+            expected += layer.shared(x_TH).double()
+    assert y_TH.dtype == x_TH.dtype and y_TH.shape == x_TH.shape
+    tol = tolerance(x_TH.dtype)
+    err = (y_TH.double() - expected).abs().max().item()
+    assert err <= tol.bound(expected), f"max abs err {err} > {tol.bound(expected)}"
+
+
+@pytest.mark.parametrize("backend", backend_names())
+@pytest.mark.parametrize("num_tokens", [1, 2, 13, 97])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_backend_matches_oracle(backend: str, num_tokens: int, act: str) -> None:
+    layer = make_layer(act, seed=num_tokens)
+    layer.backend = backend
+    x = torch.randn(num_tokens, H, generator=torch.Generator().manual_seed(100 + num_tokens))
+    check_against_oracle(layer, x)
+
+
+@pytest.mark.parametrize("backend", backend_names())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_half_and_double_precision(backend: str, dtype: torch.dtype) -> None:
+    layer = make_layer("silu", dtype=dtype)
+    layer.backend = backend
+    check_against_oracle(layer, torch.randn(31, H).to(dtype))
+
+
+@pytest.mark.parametrize("backend", backend_names())
+def test_every_token_on_one_expert(backend: str) -> None:
+    layer = make_layer(hot_expert=3, top_k=1)
+    layer.backend = backend
+    x = torch.randn(29, H)
+    assert layer.router(x).topk_ids_TK.unique().tolist() == [3]
+    check_against_oracle(layer, x)
+
+
+@pytest.mark.parametrize("backend", backend_names())
+def test_experts_with_no_tokens_are_skipped(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = (0, 2, 5, 7)
+    layer = make_layer(dead_experts=dead)
+    layer.backend = backend
+    x = torch.randn(40, H)
+    counts = plan_dispatch(layer.router(x).topk_ids_TK, E).counts
+    assert all(counts[e] == 0 for e in dead)
+    called: list[int] = []
+    original = ExpertWeights.gate_up
+    monkeypatch.setattr(ExpertWeights, "gate_up", lambda self, xs, e: called.append(e) or original(self, xs, e))
+    check_against_oracle(layer, x)
+    if backend == "grouped":
+        assert sorted(called) == [e for e in range(E) if e not in dead]
+
+
+def test_shared_experts_added() -> None:
+    check_against_oracle(make_layer(shared=True), torch.randn(7, H))
+
+
+def test_leading_dims_and_empty_batch() -> None:
+    layer = make_layer()
+    x = torch.randn(3, 5, H)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x.reshape(15, H)).reshape(3, 5, H))
+        assert layer(torch.randn(0, H)).shape == (0, H)
+
+
+def test_grouped_equals_reference_and_batch_invariant_bitwise() -> None:
+    layer = make_layer(seed=3)
+    x = torch.randn(64, H)
+    with torch.no_grad():
+        full = layer(x)
+        for t in (0, 17, 63):
+            assert torch.equal(layer(x[t : t + 1])[0], full[t]) or (layer(x[t : t + 1])[0] - full[t]).abs().max() < 1e-6
+
+
+def test_grad_mode_gives_same_result_and_gradients() -> None:
+    layer = make_layer()
+    x = torch.randn(9, H, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        assert torch.allclose(y, layer(x), atol=1e-6)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_dispatch_plan() -> None:
+    ids = torch.tensor([[3, 1], [1, 0], [3, 2], [1, 3]])
+    plan = plan_dispatch(ids, 5)
+    assert plan.counts == (1, 3, 1, 3, 0)
+    assert plan.offsets == (0, 1, 4, 5, 8, 8)
+    assert plan.active_experts == (0, 1, 2, 3)
+    # stable: inside an expert, slots stay in token order
+    assert plan.order_S.tolist() == [3, 1, 2, 6, 5, 0, 4, 7]
+    assert plan.token_idx_S.tolist() == [1, 0, 1, 3, 2, 0, 2, 3]
+    with pytest.raises(ValueError):
+        plan_dispatch(torch.tensor([[0, 5]]), 5)
+    with pytest.raises(ValueError):
+        plan_dispatch(torch.tensor([0, 1]), 5)
+
+
+def test_stats_only_when_asked() -> None:
+    layer = make_layer()
+    x = torch.randn(11, H)
+    with torch.no_grad():
+        layer(x)
+        assert layer.last_stats is None
+        layer.collect_stats = True
+        y_stats = layer(x)
+        layer.collect_stats = False
+        assert torch.equal(y_stats, layer(x))
+    stats = layer.last_stats
+    assert stats is not None and int(stats.tokens_per_expert_E.sum()) == 11 * K
+    assert stats.tokens_per_expert_E.shape == (E,)
+    assert min(stats.routing_s, stats.dispatch_s, stats.experts_s, stats.combine_s) >= 0
+    assert 0 <= stats.routing_overhead_ratio <= 1
+
+
+def test_bad_inputs_and_options() -> None:
+    layer = make_layer()
+    with pytest.raises(ValueError, match="hidden size"):
+        layer(torch.randn(4, H + 1))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(4, H, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        layer([[0.0] * H])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown experts backend"):
+        layer.backend = "cuda-magic"
+    with pytest.raises(ValueError, match="reference"):
+        register_backend("reference", lambda w, x, p: x)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        SparseMoE(Router(RouterConfig(num_experts=E, top_k=2), torch.randn(E, H + 1)), layer.experts)
+    with pytest.raises(ValueError, match="experts"):
+        SparseMoE(Router(RouterConfig(num_experts=E + 1, top_k=2), torch.randn(E + 1, H)), layer.experts)
+    with pytest.raises(ValueError, match="expert weights must be"):
+        ExpertWeights(torch.randn(E, 2 * I, H), torch.randn(E, H, I + 1), ActivationConfig())
+    with pytest.raises(TypeError, match="dtypes differ"):
+        ExpertWeights(torch.randn(E, 2 * I, H), torch.randn(E, H, I).double(), ActivationConfig())
+    with pytest.raises(ValueError, match="hidden_act"):
+        ActivationConfig.from_hf("relu6")

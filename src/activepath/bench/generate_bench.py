@@ -1,0 +1,337 @@
+# shapes → build → [generate bench] → report
+"""``activepath bench generate``: end-to-end greedy generation, implementations side by side
+on one model (activepath patches it in place and is undone afterwards, so every impl runs
+the same weights).
+
+Per impl: one warm-up generation (excluded), then ``repeats`` generations, each on its own
+seeded random prompt (the same prompts for every impl). Prefill = one forward over the
+prompt plus the first argmax (time to first token); each further token is one timed
+decode step. Bytes per decode step: every non-expert weight (embedding: only the rows
+read), the distinct routed experts the step touched in each layer, and the KV cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .._common import check_choice, check_positive_int
+from ..integrate import moe_layers, optimize
+from .arith import ExpertLoad, distinct_experts, expert_load, percent_of
+from .build import moe_blocks
+from .energy import EnergyMeter
+from .roofline import Roofline
+from .timing import Clock, Summary, progress_bar, summarize
+
+log = logging.getLogger(__name__)
+
+GENERATE_IMPLS = ("activepath", "hf", "hf-eager", "hf-grouped_mm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """``hf`` is transformers with its default experts implementation for this model."""
+
+    prompt: int = 128
+    new: int = 32
+    batch: int = 1
+    impls: tuple[str, ...] = ("activepath", "hf")
+    repeats: int = 1
+    watts_per_core: float = 10.0
+    backend: str = "grouped"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "batch", "repeats"):
+            check_positive_int(name, getattr(self, name))
+        if isinstance(self.new, bool) or not isinstance(self.new, int) or self.new < 2:
+            raise ValueError(f"new must be an int >= 2 (one prefill token, then decode steps), got {self.new!r}")
+        if not self.impls:
+            raise ValueError("impls must not be empty")
+        for impl in self.impls:
+            check_choice("impl", impl, GENERATE_IMPLS)
+        if not self.watts_per_core > 0:
+            raise ValueError(f"watts_per_core must be > 0, got {self.watts_per_core}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelBytes:
+    """Weights a decode step reads besides the routed experts, and one routed expert's
+    bytes in each MoE layer (in module order)."""
+
+    static_bytes: int
+    expert_bytes_by_layer: list[int]
+    total_param_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateRow:
+    impl: str
+    experts_implementation: str
+    ttft: Summary
+    prefill_tok_s: float
+    decode: Summary
+    decode_tok_s: float
+    decode_bytes_per_step_mean: float
+    decode_achieved_GBps: float
+    decode_roofline_pct: float | None
+    kv_bytes_measured: bool
+    energy_prefill_J_per_token: float | None
+    energy_decode_J_per_token: float | None
+    energy_estimated: bool
+    energy_method: str
+    tokens_per_expert_by_layer: list[list[int]]
+    load_by_layer: list[ExpertLoad]
+    generated_sha256: str
+    same_tokens_as_first_impl: bool | None
+    decode_samples_s: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateBenchResult:
+    model: str
+    dtype: str
+    num_layers: int
+    moe_layers: int
+    model_bytes: ModelBytes
+    method: str
+    rows: list[GenerateRow] = field(default_factory=list)
+
+
+@dataclass
+class _Trace:
+    """What the generations of one impl recorded (mutable while collecting)."""
+
+    ttft_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    step_bytes: list[int] = field(default_factory=list)
+    prefill_j: list[float] = field(default_factory=list)
+    decode_j: list[float] = field(default_factory=list)
+    counts: list[torch.Tensor] | None = None
+    kv_measured: bool = True
+    ids: list[torch.Tensor] = field(default_factory=list)
+    energy_method: str = ""
+    energy_estimated: bool = False
+
+
+def model_bytes(model: nn.Module, batch: int) -> ModelBytes:
+    """Split ``model``'s weights into routed experts and the rest (call before optimize)."""
+    blocks = [b for _, b in moe_blocks(model)]
+    expert_ids = {id(p) for b in blocks for p in b.experts.parameters()}
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts_total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) in expert_ids)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    emb_saved = 0 if tied else emb.numel() * emb.element_size() - batch * emb.shape[1] * emb.element_size()
+    per_layer = [sum(p.numel() * p.element_size() for p in b.experts.parameters()) // b.experts.num_experts
+                 for b in blocks]
+    return ModelBytes(static_bytes=total - experts_total - emb_saved, expert_bytes_by_layer=per_layer,
+                      total_param_bytes=total)
+
+
+def run_generate_bench(
+    model: nn.Module, label: str, config: GenerateConfig, roofline: Roofline | None,
+    *, device: str = "cpu", progress: bool = True,
+) -> GenerateBenchResult:
+    """Time greedy generation for every impl in ``config.impls`` on ``model``."""
+    mbytes = model_bytes(model, config.batch)
+    default_impl = model.config._experts_implementation
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prompts = [_prompt(vocab, config, config.seed + 1 + r, device) for r in range(config.repeats)]
+    warm_prompt = _prompt(vocab, config, config.seed, device)
+    meter = EnergyMeter(device, config.watts_per_core)
+    clock = Clock(device)
+    bar = progress_bar(len(config.impls) * config.repeats * config.new, "bench generate", progress)
+    rows: list[GenerateRow] = []
+    for impl in config.impls:
+        bar.set_postfix_str(impl)
+        with _prepared(model, impl, default_impl, config.backend) as (tap, resolved):
+            _generate(model, warm_prompt, 2, tap, clock, meter, mbytes, _Trace())
+            trace = _Trace()
+            for prompt in prompts:
+                _generate(model, prompt, config.new, tap, clock, meter, mbytes, trace, bar)
+        rows.append(_row(impl, resolved, trace, config, mbytes, roofline, rows[0] if rows else None))
+    bar.close()
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return GenerateBenchResult(model=label, dtype=dtype, num_layers=model.config.num_hidden_layers,
+                               moe_layers=len(mbytes.expert_bytes_by_layer), model_bytes=mbytes,
+                               method=_method_text(config), rows=rows)
+
+
+def _prompt(vocab: int, config: GenerateConfig, seed: int, device: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (config.batch, config.prompt), generator=gen).to(device)
+
+
+class _HFTap:
+    """Reads the routing transformers' experts modules receive, via forward pre-hooks
+    (the expert indices are their second argument); costs one reference per call."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        self._last: list[torch.Tensor | None] = [None] * len(blocks)
+        self._sizes = [b.experts.num_experts for b in blocks]
+        self._handles = [b.experts.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                         for i, b in enumerate(blocks)]
+
+    def _hook(self, i: int):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            candidates = list(args[1:2]) + list(kwargs.values())
+            self._last[i] = next(t for t in candidates if isinstance(t, torch.Tensor) and not t.is_floating_point())
+        return hook
+
+    def counts(self) -> list[torch.Tensor]:
+        return [torch.bincount(ids.reshape(-1).cpu(), minlength=n) for ids, n in zip(self._last, self._sizes)]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class _ActivepathTap:
+    def __init__(self, model: nn.Module) -> None:
+        self._layers = [layer for _, layer in moe_layers(model)]
+
+    def counts(self) -> list[torch.Tensor]:
+        return [layer.last_stats.tokens_per_expert_E.cpu() for layer in self._layers]  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def _prepared(model: nn.Module, impl: str, default_impl: str, backend: str) -> Iterator[tuple[object, str]]:
+    """Put ``model`` in the state ``impl`` needs; undo activepath's patch on exit."""
+    blocks = moe_blocks(model)
+    if impl != "activepath":
+        model.set_experts_implementation(default_impl if impl == "hf" else impl.removeprefix("hf-"))
+        tap = _HFTap([b for _, b in blocks])
+        try:
+            yield tap, f"transformers experts_implementation={model.config._experts_implementation}"
+        finally:
+            tap.close()
+        return
+    optimize(model, backend=backend, collect_stats=True)
+    try:
+        yield _ActivepathTap(model), f"activepath backend={backend} (collect_stats on)"
+    finally:
+        for name, block in blocks:
+            model.set_submodule(name, block)
+
+
+@torch.inference_mode()
+def _generate(
+    model: nn.Module, prompt_BP: torch.Tensor, new: int, tap: object, clock: Clock, meter: EnergyMeter,
+    mbytes: ModelBytes, trace: _Trace, bar: object | None = None,
+) -> None:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    meter.start()
+    start = clock.now()
+    logits = model(input_ids=prompt_BP, cache=cache, use_cache=True, logits_to_keep=1).logits
+    next_B1 = logits[:, -1].argmax(-1, keepdim=True)
+    trace.ttft_s.append(clock.now() - start)
+    prefill = meter.stop()
+    _accumulate(trace, tap.counts())  # type: ignore[attr-defined]
+    ids = [next_B1]
+    meter.start()
+    for _ in range(new - 1):
+        start = clock.now()
+        logits = model(input_ids=next_B1, cache=cache, use_cache=True).logits
+        next_B1 = logits[:, -1].argmax(-1, keepdim=True)
+        trace.step_s.append(clock.now() - start)
+        counts = tap.counts()  # type: ignore[attr-defined]
+        _accumulate(trace, counts)
+        trace.step_bytes.append(_step_bytes(mbytes, counts, cache, trace))
+        ids.append(next_B1)
+        if bar is not None:
+            bar.update()  # type: ignore[attr-defined]
+    decode = meter.stop()
+    if bar is not None:
+        bar.update()  # type: ignore[attr-defined]
+    trace.ids.append(torch.cat(ids, dim=1).cpu())
+    trace.prefill_j.append(prefill.joules if prefill.joules is not None else float("nan"))
+    trace.decode_j.append(decode.joules if decode.joules is not None else float("nan"))
+    trace.energy_method, trace.energy_estimated = decode.method, decode.estimated
+
+
+def _accumulate(trace: _Trace, counts: list[torch.Tensor]) -> None:
+    if trace.counts is None:
+        trace.counts = [c.clone() for c in counts]
+    else:
+        for total, c in zip(trace.counts, counts):
+            total += c
+
+
+def _step_bytes(mbytes: ModelBytes, counts: list[torch.Tensor], cache: object, trace: _Trace) -> int:
+    experts = sum(distinct_experts(c) * b for c, b in zip(counts, mbytes.expert_bytes_by_layer))
+    kv = _kv_bytes(cache)
+    if kv is None:
+        trace.kv_measured = False
+    return mbytes.static_bytes + experts + (kv or 0)
+
+
+def _kv_bytes(cache: object) -> int | None:
+    """Bytes held in the KV cache (a decode step reads all of it), None if unreadable."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    total = 0
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _row(
+    impl: str, resolved: str, trace: _Trace, config: GenerateConfig, mbytes: ModelBytes,
+    roofline: Roofline | None, first: GenerateRow | None,
+) -> GenerateRow:
+    ttft, decode = summarize(trace.ttft_s), summarize(trace.step_s)
+    bytes_mean = sum(trace.step_bytes) / len(trace.step_bytes)
+    gbps = bytes_mean / decode.median_s / 1e9
+    ids = torch.cat(trace.ids, dim=0)
+    sha = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+    counts = trace.counts or []
+    prompt_tokens = config.batch * config.prompt
+    decode_tokens = config.batch * (config.new - 1)
+    return GenerateRow(
+        impl=impl, experts_implementation=resolved, ttft=ttft, prefill_tok_s=prompt_tokens / ttft.median_s,
+        decode=decode, decode_tok_s=config.batch * len(trace.step_s) / sum(trace.step_s),
+        decode_bytes_per_step_mean=bytes_mean, decode_achieved_GBps=gbps,
+        decode_roofline_pct=percent_of(gbps, roofline.bandwidth_GBps if roofline else None),
+        kv_bytes_measured=trace.kv_measured,
+        energy_prefill_J_per_token=_per_token(trace.prefill_j, prompt_tokens),
+        energy_decode_J_per_token=_per_token(trace.decode_j, decode_tokens),
+        energy_estimated=trace.energy_estimated, energy_method=trace.energy_method,
+        tokens_per_expert_by_layer=[c.tolist() for c in counts], load_by_layer=[expert_load(c) for c in counts],
+        generated_sha256=sha, same_tokens_as_first_impl=None if first is None else sha == first.generated_sha256,
+        decode_samples_s=trace.step_s,
+    )
+
+
+def _per_token(joules: list[float], tokens: int) -> float | None:
+    if not joules or any(j != j for j in joules):  # NaN: not measured
+        return None
+    return sum(joules) / len(joules) / tokens
+
+
+def _method_text(config: GenerateConfig) -> str:
+    return (
+        f"greedy decoding, batch {config.batch}, prompt {config.prompt} random tokens, {config.new} new tokens "
+        f"(1 from prefill + {config.new - 1} decode steps); per impl 1 warm-up generation excluded, then "
+        f"{config.repeats} generation(s) on distinct seeded prompts shared by all impls. Decode bytes per step: "
+        "non-expert weights (embedding rows only) + distinct routed experts touched per layer + KV cache. Expert "
+        "utilisation: tokens per expert summed over prefill and decode of the timed generations. activepath runs "
+        "with collect_stats on (a few timer calls per layer); hf-* have forward pre-hooks that keep a reference "
+        "to the routing."
+    )

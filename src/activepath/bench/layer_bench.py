@@ -1,0 +1,324 @@
+# shapes → build → [layer bench] → report
+"""``activepath bench layer``: one MoE layer, several implementations side by side.
+
+Method (stated in every report): the layer is built ``copies`` times (same router, so
+routing depends only on the input; different expert weights), and call i uses copy
+i mod copies and input i mod inputs. Enough copies are built that the weights touched
+between two uses of one copy exceed twice the last-level cache, so every timed call
+reads its experts from memory, as decoding a real model does. Warm-up calls excluded.
+
+Shape legend: T tokens, H hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .._common import check_choice, check_positive_int
+from ..adapters import OptimizeOptions, adapter_for
+from ..combine import combine
+from ..dispatch import plan_dispatch
+from ..experts import get_backend
+from ..layer import SparseMoE
+from .arith import ExpertLoad, MoEGeometry, distinct_experts, expert_load, moe_flops, percent_of, weight_bytes
+from .build import build_model, moe_blocks, text_config
+from .roofline import Roofline
+from .shapes import ModelShape, hf_config
+from .timing import Clock, Summary, TimingPlan, progress_bar, summarize, time_calls
+
+log = logging.getLogger(__name__)
+
+LAYER_IMPLS = ("activepath", "hf-eager", "hf-grouped_mm", "dense")
+_MAX_COPIES = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerBenchConfig:
+    """``copies=None`` picks enough copies to exceed twice ``llc_bytes`` (1 when unknown),
+    bounded by ``max_weights_bytes`` of expert weights in all."""
+
+    tokens: tuple[int, ...] = (1, 8, 64, 512)
+    impls: tuple[str, ...] = LAYER_IMPLS
+    timing: TimingPlan = field(default_factory=TimingPlan)
+    inputs: int = 16
+    copies: int | None = None
+    max_weights_bytes: int = 8 << 30
+    backend: str = "grouped"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tokens or not self.impls:
+            raise ValueError("tokens and impls must not be empty")
+        for t in self.tokens:
+            check_positive_int("tokens", t)
+        for impl in self.impls:
+            check_choice("impl", impl, LAYER_IMPLS)
+        check_positive_int("inputs", self.inputs)
+        check_positive_int("max_weights_bytes", self.max_weights_bytes)
+        if self.copies is not None:
+            check_positive_int("copies", self.copies)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerRow:
+    """One (impl, tokens) measurement. Rates use the mean weight bytes / FLOPs of the
+    timed calls over the median time; ``None`` marks a figure this impl cannot report."""
+
+    impl: str
+    tokens: int
+    timing: Summary
+    distinct_experts_mean: float
+    weight_bytes_mean: float
+    achieved_GBps: float
+    smbu_pct: float | None
+    flops: int
+    achieved_GFLOPs: float
+    smfu_pct: float | None
+    routing_overhead_ratio: float | None
+    stage_median_s: dict[str, float] | None
+    max_abs_diff_vs_first_impl: float | None
+    samples_s: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerBenchResult:
+    shape: str
+    dtype: str
+    geometry: MoEGeometry
+    copies: int
+    weights_bytes_all_copies: int
+    cold_weights: bool | None
+    method: str
+    load_by_tokens: dict[int, ExpertLoad]
+    tokens_per_expert_by_tokens: dict[int, list[int]]
+    rows: list[LayerRow]
+
+
+def choose_copies(shape: ModelShape, elem_bytes: int, llc: int | None, config: LayerBenchConfig) -> int:
+    """Fewest copies whose experts touched by one token each (K per copy) exceed 2×LLC."""
+    if config.copies is not None:
+        return config.copies
+    expert = shape.expert_params() * elem_bytes
+    by_memory = max(1, config.max_weights_bytes // (expert * shape.num_experts))
+    wanted = 1 if llc is None else math.ceil(2 * llc / (expert * shape.top_k))
+    return int(max(1, min(wanted, by_memory, _MAX_COPIES)))
+
+
+def run_layer_bench(
+    shape: ModelShape, dtype: torch.dtype, config: LayerBenchConfig, roofline: Roofline | None,
+    *, llc: int | None, device: str = "cpu", progress: bool = True,
+) -> LayerBenchResult:
+    """Build the layer copies, time every (tokens, impl) pair, return the rows."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    copies = choose_copies(shape, elem, llc, config)
+    model, blocks, layers = _build_layers(shape, dtype, copies, config, device)
+    geom = geometry(layers[0], shape.top_k)
+    cold = None if llc is None else copies * shape.top_k * geom.expert_bytes >= 2 * llc
+    runners = {impl: _runner(impl, model, blocks, layers) for impl in config.impls}
+    rows: list[LayerRow] = []
+    loads: dict[int, ExpertLoad] = {}
+    counts_by_tokens: dict[int, list[int]] = {}
+    bar = progress_bar(len(config.tokens) * len(config.impls), "bench layer", progress)
+    with torch.inference_mode():
+        for tokens in config.tokens:
+            inputs = _inputs(tokens, geom.hidden, dtype, config, device)
+            counts = [_route_counts(layers[0], x) for x in inputs]
+            loads[tokens] = _mean_load(counts)
+            counts_by_tokens[tokens] = torch.stack(counts).sum(0).tolist()
+            reference = None
+            for impl in config.impls:
+                bar.set_postfix_str(f"T={tokens} {impl}")
+                row, y = _measure(impl, runners[impl], tokens, inputs, counts, copies, geom, roofline, config, device)
+                reference = y if reference is None else reference
+                diff = float((y.float() - reference.float()).abs().max())
+                rows.append(_with_diff(row, None if y is reference else diff))
+                bar.update()
+    bar.close()
+    del model, blocks, layers
+    return LayerBenchResult(
+        shape=shape.name, dtype=str(dtype).removeprefix("torch."), geometry=geom, copies=copies,
+        weights_bytes_all_copies=copies * geom.all_experts_bytes, cold_weights=cold,
+        method=_method_text(copies, config), load_by_tokens=loads, tokens_per_expert_by_tokens=counts_by_tokens,
+        rows=rows,
+    )
+
+
+def geometry(layer: SparseMoE, top_k: int) -> MoEGeometry:
+    """The bytes/FLOPs geometry of one built layer, read off its actual tensors."""
+    experts = layer.experts
+    shared_params = [p for p in layer.shared.parameters()] if layer.shared is not None else []
+    return MoEGeometry(
+        hidden=experts.hidden_size, inter=experts.intermediate_size, num_experts=experts.num_experts, top_k=top_k,
+        elem_bytes=experts.w_gate_up.element_size(), expert_bias=experts.b_gate_up is not None,
+        shared_bytes=sum(p.numel() * p.element_size() for p in shared_params),
+        shared_flops_per_token=sum(2 * p.numel() for p in shared_params if p.dim() == 2),
+    )
+
+
+def _build_layers(
+    shape: ModelShape, dtype: torch.dtype, copies: int, config: LayerBenchConfig, device: str
+) -> tuple[nn.Module, list[nn.Module], list[SparseMoE]]:
+    hf = hf_config(shape, layers=shape.first_k_dense + copies, vocab=32)
+    model = build_model(hf, dtype=dtype, seed=config.seed, device=device)
+    blocks = [b for _, b in moe_blocks(model)]
+    adapter = adapter_for(text_config(model.config).model_type)
+    options = OptimizeOptions(backend=config.backend, collect_stats=True)
+    layers = [adapter.convert(b, text_config(model.config), options) for b in blocks]
+    with torch.no_grad():  # one router for all copies: routing depends on the input alone
+        for layer in layers[1:]:
+            layer.router.weight.copy_(layers[0].router.weight)
+            if layer.router.bias is not None:
+                layer.router.bias.copy_(layers[0].router.bias)
+    return model, blocks, layers
+
+
+def _inputs(tokens: int, hidden: int, dtype: torch.dtype, config: LayerBenchConfig, device: str) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(config.seed + tokens)
+    return [torch.randn(1, tokens, hidden, generator=gen).to(device=device, dtype=dtype) for _ in range(config.inputs)]
+
+
+def _route_counts(layer: SparseMoE, x_1TH: torch.Tensor) -> torch.Tensor:
+    routing = layer.router(x_1TH.reshape(-1, x_1TH.shape[-1]))
+    return plan_dispatch(routing.topk_ids_TK, layer.experts.num_experts).counts_E.cpu()
+
+
+def _mean_load(counts: list[torch.Tensor]) -> ExpertLoad:
+    loads = [expert_load(c) for c in counts]
+    n = len(loads)
+    return ExpertLoad(
+        max_over_mean=sum(x.max_over_mean for x in loads) / n,
+        idle_experts=round(sum(x.idle_experts for x in loads) / n),
+        active_experts=round(sum(x.active_experts for x in loads) / n),
+        max_tokens=max(x.max_tokens for x in loads),
+        mean_tokens=sum(x.mean_tokens for x in loads) / n,
+    )
+
+
+Runner = Callable[[int, torch.Tensor], tuple[torch.Tensor, dict[str, float] | None]]
+
+
+def _runner(impl: str, model: nn.Module, blocks: list[nn.Module], layers: list[SparseMoE]) -> Runner:
+    """``run(copy, x_1TH) → (y, stage seconds or None)`` for one implementation."""
+    if impl == "activepath":
+        def run(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
+            y = layers[c](x)
+            return y, _stage_times(layers[c])
+        return run
+    if impl == "dense":
+        return lambda c, x: dense_forward(layers[c], x)
+    hf_impl = impl.removeprefix("hf-")
+
+    def run_hf(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
+        if model.config._experts_implementation != hf_impl:
+            model.set_experts_implementation(hf_impl)
+        out = blocks[c](x)
+        return (out[0] if isinstance(out, tuple) else out), None
+    return run_hf
+
+
+def _stage_times(layer: SparseMoE) -> dict[str, float] | None:
+    s = layer.last_stats
+    if s is None:
+        return None
+    return {"routing_s": s.routing_s, "dispatch_s": s.dispatch_s, "experts_s": s.experts_s,
+            "combine_s": s.combine_s, "shared_s": s.shared_s}
+
+
+def dense_forward(layer: SparseMoE, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The no-sparsity baseline: every expert on every token, non-chosen experts weighted 0,
+    through the same stages and backend as activepath (so the output matches it)."""
+    clock = Clock(x.device)
+    x_TH = x.reshape(-1, x.shape[-1])
+    num_tokens, num_experts = x_TH.shape[0], layer.experts.num_experts
+    t0 = clock.now()
+    routing = layer.router(x_TH)
+    weights_TE = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    weights_TE.scatter_(1, routing.topk_ids_TK, routing.topk_weights_TK.float())
+    t1 = clock.now()
+    all_ids_TE = torch.arange(num_experts, device=x.device).expand(num_tokens, num_experts)
+    plan = plan_dispatch(all_ids_TE, num_experts)
+    t2 = clock.now()
+    out_SH = get_backend(layer.backend)(layer.experts, x_TH, plan)
+    t3 = clock.now()
+    y_TH = combine(out_SH, plan, weights_TE)
+    t4 = clock.now()
+    if layer.shared is not None:
+        y_TH = y_TH + layer.shared(x_TH)
+    t5 = clock.now()
+    stages = {"routing_s": t1 - t0, "dispatch_s": t2 - t1, "experts_s": t3 - t2, "combine_s": t4 - t3,
+              "shared_s": t5 - t4}
+    return y_TH.view(x.shape), stages
+
+
+def _measure(
+    impl: str, run: Runner, tokens: int, inputs: list[torch.Tensor], counts: list[torch.Tensor], copies: int,
+    geom: MoEGeometry, roofline: Roofline | None, config: LayerBenchConfig, device: str,
+) -> tuple[LayerRow, torch.Tensor]:
+    y_first, _ = run(0, inputs[0])
+    stages: list[dict[str, float]] = []
+    sample_idx: list[int] = []
+    last: dict[str, dict[str, float] | None] = {}
+
+    def call(i: int) -> None:
+        last["stages"] = run(i % copies, inputs[i % len(inputs)])[1]
+
+    def on_sample(i: int, _: float) -> None:
+        sample_idx.append(i % len(inputs))
+        if last.get("stages") is not None:
+            stages.append(last["stages"])  # type: ignore[arg-type]
+
+    samples = time_calls(call, config.timing, Clock(device), on_sample)
+    dense = impl == "dense"
+    distinct = [geom.num_experts if dense else distinct_experts(counts[j]) for j in sample_idx]
+    bytes_mean = sum(weight_bytes(geom, d) for d in distinct) / len(distinct)
+    flops = moe_flops(geom, tokens, tokens * (geom.num_experts if dense else geom.top_k))
+    summary = summarize(samples)
+    gbps = bytes_mean / summary.median_s / 1e9
+    gflops = flops / summary.median_s / 1e9
+    return LayerRow(
+        impl=impl, tokens=tokens, timing=summary, distinct_experts_mean=sum(distinct) / len(distinct),
+        weight_bytes_mean=bytes_mean, achieved_GBps=gbps,
+        smbu_pct=percent_of(gbps, roofline.bandwidth_GBps if roofline else None), flops=flops,
+        achieved_GFLOPs=gflops, smfu_pct=percent_of(gflops, roofline.gemm_GFLOPs if roofline else None),
+        routing_overhead_ratio=_overhead(stages, samples), stage_median_s=_stage_medians(stages),
+        max_abs_diff_vs_first_impl=None, samples_s=samples,
+    ), y_first
+
+
+def _overhead(stages: list[dict[str, float]], samples: list[float]) -> float | None:
+    """Median over calls of (routing + dispatch + combine) / the call's wall time."""
+    if not stages:
+        return None
+    ratios = [(s["routing_s"] + s["dispatch_s"] + s["combine_s"]) / t for s, t in zip(stages, samples) if t > 0]
+    return summarize(ratios).median_s if ratios else None
+
+
+def _stage_medians(stages: list[dict[str, float]]) -> dict[str, float] | None:
+    if not stages:
+        return None
+    return {k: summarize([s[k] for s in stages]).median_s for k in stages[0]}
+
+
+def _with_diff(row: LayerRow, diff: float | None) -> LayerRow:
+    from dataclasses import replace
+
+    return replace(row, max_abs_diff_vs_first_impl=diff)
+
+
+def _method_text(copies: int, config: LayerBenchConfig) -> str:
+    t = config.timing
+    return (
+        f"{copies} copies of the layer (one shared router, distinct expert weights); call i runs copy i mod "
+        f"{copies} on input i mod {config.inputs} (seeded N(0,1) hidden states). {t.warmup} warm-up calls "
+        f"excluded, then up to {t.iters} timed calls (at least {t.min_iters}, stopping once {t.budget_s:g} s are "
+        "spent). Bytes: distinct touched experts' weights + router (+ shared experts), each read once; dense "
+        "touches all experts. FLOPs: 6·H·I per (token, expert) slot + router GEMM. Rates: mean bytes or FLOPs "
+        "of the timed calls over the median time. Routing overhead: median over calls of (routing + dispatch + "
+        "combine) / call wall time; transformers' blocks have no stage timers, so it is not measured for hf-*."
+    )

@@ -1,0 +1,104 @@
+"""End to end: ``activepath bench`` on the tiny shape, as a user runs it; the JSON report
+carries every field the issue asks for."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from activepath.cli import main
+
+FAST = ["--shape", "tiny", "--copy-mib", "16", "--gemm-n", "256", "--roofline-repeats", "2", "--no-progress"]
+LAYER_FAST = ["--tokens", "1,8", "--iters", "3", "--min-iters", "2", "--row-budget-s", "0.5", "--inputs", "4"]
+GEN_FAST = ["--layers", "2", "--prompt", "8", "--new", "4", "--repeats", "2"]
+
+ROW_FIELDS = {"impl", "tokens", "timing", "distinct_experts_mean", "weight_bytes_mean", "achieved_GBps", "smbu_pct",
+              "flops", "achieved_GFLOPs", "smfu_pct", "routing_overhead_ratio", "stage_median_s",
+              "max_abs_diff_vs_first_impl", "samples_s"}
+GEN_FIELDS = {"impl", "experts_implementation", "ttft", "prefill_tok_s", "decode", "decode_tok_s",
+              "decode_bytes_per_step_mean", "decode_achieved_GBps", "decode_roofline_pct", "kv_bytes_measured",
+              "energy_prefill_J_per_token", "energy_decode_J_per_token", "energy_estimated", "energy_method",
+              "tokens_per_expert_by_layer", "load_by_layer", "generated_sha256", "same_tokens_as_first_impl",
+              "decode_samples_s"}
+TIMING_FIELDS = {"n", "mean_s", "median_s", "p95_s", "p99_s", "min_s", "max_s"}
+
+
+@pytest.fixture(scope="module")
+def all_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "all"
+    assert main(["bench", "all", *FAST, *LAYER_FAST, *GEN_FAST, "--out", str(out), "--plot"]) == 0
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_all_writes_json_markdown_and_plots(all_report):
+    out, doc = all_report
+    for suffix in (".md", "_latency.png", "_expert_load.png", "_roofline.png"):
+        assert out.with_name(out.name + suffix).stat().st_size > 0
+    md = out.with_suffix(".md").read_text()
+    assert doc["command"] in md and "S-MBU" in md and "estimated" in md
+
+
+def test_json_header_fields(all_report):
+    _, doc = all_report
+    assert doc["schema"] == "activepath.bench/1" and doc["kind"] == "all"
+    assert doc["command"].startswith("activepath bench all ") and "--shape tiny" in doc["command"]
+    assert {"torch", "transformers", "activepath", "python"} <= set(doc["environment"]["versions"])
+    assert {"cpu", "llc_bytes", "torch_threads", "load_avg_1m_at_start", "load_avg_1m_at_end"} <= set(doc["environment"])
+    roof = doc["roofline"]
+    assert roof["bandwidth_GBps"] > 0 and roof["gemm_GFLOPs"] > 0 and roof["method"]
+    assert isinstance(doc["notes"], list)
+
+
+def test_json_layer_fields(all_report):
+    _, doc = all_report
+    layer = doc["layer"]
+    rows = layer["rows"]
+    assert {(r["impl"], r["tokens"]) for r in rows} == {
+        (i, t) for i in ("activepath", "hf-eager", "hf-grouped_mm", "dense") for t in (1, 8)}
+    for r in rows:
+        assert ROW_FIELDS <= set(r) and TIMING_FIELDS <= set(r["timing"])
+        assert r["smbu_pct"] > 0 and r["smfu_pct"] > 0
+        sparse = r["impl"] != "dense"
+        assert (r["routing_overhead_ratio"] is None) == r["impl"].startswith("hf-")
+        assert r["distinct_experts_mean"] <= (4 * r["tokens"] if sparse else 16)
+        if r["max_abs_diff_vs_first_impl"] is not None:
+            assert r["max_abs_diff_vs_first_impl"] < 1e-4  # every impl computes the same layer
+    assert set(layer["load_by_tokens"]) == {"1", "8"}
+    assert layer["load_by_tokens"]["1"]["idle_experts"] == 12  # 1 token, top-4 of 16
+    assert layer["geometry"]["expert_bytes"] == 3 * 64 * 32 * 4
+    assert layer["cold_weights"] is False  # tiny fits in cache, and the report says so
+    assert any("cache-resident" in n for n in doc["notes"])
+
+
+def test_json_generate_fields(all_report):
+    _, doc = all_report
+    gen = doc["generate"]
+    assert [r["impl"] for r in gen["rows"]] == ["activepath", "hf"]
+    for r in gen["rows"]:
+        assert GEN_FIELDS <= set(r)
+        assert r["decode"]["n"] == 2 * 3  # 2 repeats × (4 new - 1 from prefill)
+        assert r["energy_estimated"] is True and "W per busy core" in r["energy_method"]
+        assert len(r["tokens_per_expert_by_layer"]) == 2
+        # every prefill + decode slot is counted: 2 repeats × (8 + 3) tokens × top-4
+        assert sum(r["tokens_per_expert_by_layer"][0]) == 2 * (8 + 3) * 4
+    assert gen["rows"][1]["same_tokens_as_first_impl"] is True
+    assert any("ESTIMATED" in n for n in doc["notes"])
+
+
+def test_layer_subcommand_as_user_runs_it(tmp_path):
+    out = tmp_path / "layer"
+    cmd = [sys.executable, "-m", "activepath.cli", "bench", "layer", *FAST, *LAYER_FAST, "--impl", "activepath,dense",
+           "--no-roofline", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["roofline"] is None and all(r["smbu_pct"] is None for r in doc["layer"]["rows"])
+    assert "n/m" in done.stdout and doc["generate"] is None
+
+
+def test_generate_rejects_bad_options(tmp_path):
+    with pytest.raises(ValueError, match="impl"):
+        main(["bench", "generate", *FAST, "--no-roofline", "--impl", "vllm", "--out", str(tmp_path / "g")])

@@ -17,6 +17,7 @@ from transformers import (
 
 COMMON = dict(vocab_size=160, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# MLA: every attention head has its own latent key/value
 _MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 
 
@@ -35,12 +36,12 @@ def tiny_config(family: str) -> PretrainedConfig:
     if family == "olmoe":
         return OlmoeConfig(**COMMON, num_hidden_layers=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2)
     if family == "deepseek_v3":
-        return DeepseekV3Config(**COMMON, **_MLA, num_hidden_layers=3, intermediate_size=80, moe_intermediate_size=32,
+        return DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, **_MLA, num_hidden_layers=3, intermediate_size=80, moe_intermediate_size=32,
                                 n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
                                 n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
                                 norm_topk_prob=True)
     if family == "deepseek_v2":
-        return DeepseekV2Config(**COMMON, **_MLA, num_hidden_layers=3, intermediate_size=80,
+        return DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **_MLA, num_hidden_layers=3, intermediate_size=80,
                                 moe_intermediate_size=32, n_routed_experts=12, num_experts_per_tok=3, n_group=4,
                                 topk_group=2, topk_method="group_limited_greedy", n_shared_experts=2,
                                 first_k_dense_replace=1, routed_scaling_factor=1.5)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from .adapters import OptimizeOptions, supported_model_types
 from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
-from .experts import ActivationConfig, ExpertWeights, backend_names, get_backend, register_backend
+from .experts import (
+    ActivationConfig,
+    ExpertWeights,
+    backend_names,
+    get_backend,
+    is_batch_invariant,
+    register_backend,
+)
 from .integrate import load, moe_layers, optimize
 from .layer import MoEStats, SharedExperts, SparseMoE
 from .routing import Router, RouterConfig, RoutingResult, route
@@ -26,6 +33,7 @@ __all__ = [
     "backend_names",
     "combine",
     "get_backend",
+    "is_batch_invariant",
     "load",
     "moe_layers",
     "optimize",

@@ -129,13 +129,26 @@ ExpertsBackend = Callable[[ExpertWeights, torch.Tensor, DispatchPlan], torch.Ten
 """(weights, x_TH, plan) → expert outputs in dispatch order, [S, H], dtype of x_TH."""
 
 _BACKENDS: dict[str, ExpertsBackend] = {}
+_BATCH_INVARIANT: set[str] = set()
 
 
-def register_backend(name: str, fn: ExpertsBackend) -> None:
-    """Make ``fn`` selectable as ``backend=name``. ``reference`` cannot be replaced."""
+def register_backend(name: str, fn: ExpertsBackend, *, batch_invariant: bool = False) -> None:
+    """Make ``fn`` selectable as ``backend=name``. ``reference`` cannot be replaced.
+
+    ``batch_invariant``: each slot's output is bitwise independent of the other slots in
+    the call (so a sequence gives the same result alone or batched).
+    """
     if name == "reference" and "reference" in _BACKENDS:
         raise ValueError("the 'reference' backend is fixed; register yours under another name")
     _BACKENDS[name] = fn
+    _BATCH_INVARIANT.discard(name)
+    if batch_invariant:
+        _BATCH_INVARIANT.add(name)
+
+
+def is_batch_invariant(name: str) -> bool:
+    get_backend(name)
+    return name in _BATCH_INVARIANT
 
 
 def get_backend(name: str) -> ExpertsBackend:
@@ -189,8 +202,30 @@ def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
     return out_SH
 
 
-register_backend("reference", reference_experts)
+def rowwise_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Batch-invariant path: one matrix-vector product per slot.
+
+    BLAS picks a different kernel (and summation order) for a 1-row product than for a
+    many-row one, so the grouped path's result for a token moves in the last bits with
+    the size of its expert's group. Here every slot takes the 1-row kernel, whatever the
+    batch. Same speed as ``grouped`` at one token per expert (decode), slower when experts
+    get many tokens (prefill), since each slot re-reads the expert's weights.
+    """
+    x_SH = x_TH.index_select(0, plan.token_idx_S)
+    out_SH = torch.empty_like(x_SH)
+    in_place = not torch.is_grad_enabled()
+    for e in plan.active_experts:
+        for j in range(plan.offsets[e], plan.offsets[e + 1]):
+            if in_place:
+                weights.mlp(x_SH[j : j + 1], e, out_SH[j : j + 1])
+            else:
+                out_SH[j : j + 1] = weights.mlp(x_SH[j : j + 1], e)
+    return out_SH
+
+
+register_backend("reference", reference_experts, batch_invariant=True)
 register_backend("grouped", grouped_experts)
+register_backend("rowwise", rowwise_experts, batch_invariant=True)
 
 
 def _check_shapes(

@@ -14,7 +14,7 @@ from torch import nn
 
 from .combine import combine
 from .dispatch import plan_dispatch
-from .experts import ExpertWeights, get_backend
+from .experts import ExpertWeights, get_backend, is_batch_invariant
 from .routing import Router, RoutingResult
 
 
@@ -50,7 +50,10 @@ class SharedExperts(nn.Module):
         self.mlp = mlp
         self.gate = gate
 
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, *, row_wise: bool = False) -> torch.Tensor:
+        """``row_wise``: one token per call, so each row's result is batch-invariant."""
+        if row_wise and x_TH.shape[0] > 1:
+            return torch.cat([self(x_TH[t : t + 1]) for t in range(x_TH.shape[0])])
         y_TH = self.mlp(x_TH)
         return y_TH if self.gate is None else torch.sigmoid(self.gate(x_TH)) * y_TH
 
@@ -116,7 +119,7 @@ class SparseMoE(nn.Module):
         plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts)
         out_SH = get_backend(self._backend)(self.experts, x_TH, plan)
         y_TH = combine(out_SH, plan, routing.topk_weights_TK)
-        return (y_TH if self.shared is None else y_TH + self.shared(x_TH)), routing
+        return (y_TH if self.shared is None else y_TH + self._shared(x_TH)), routing
 
     def _forward_timed(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, RoutingResult, MoEStats]:
         clock = _StageClock(x_TH.device)
@@ -129,10 +132,14 @@ class SparseMoE(nn.Module):
         y_TH = combine(out_SH, plan, routing.topk_weights_TK)
         combine_s = clock.lap()
         if self.shared is not None:
-            y_TH = y_TH + self.shared(x_TH)
+            y_TH = y_TH + self._shared(x_TH)
         shared_s = clock.lap()
         stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
         return y_TH, routing, stats
+
+    def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
+        assert self.shared is not None
+        return self.shared(x_TH, row_wise=is_batch_invariant(self._backend))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

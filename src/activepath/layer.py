@@ -108,21 +108,7 @@ class SparseMoE(nn.Module):
         """Like ``forward``, also returning the routing decisions (flattened to [T, K])."""
         self._check_input(x)
         x_TH = x.reshape(-1, x.shape[-1])
-        if self.collect_stats:
-            y_TH, routing, self.last_stats = self._forward_timed(x_TH)
-        else:
-            y_TH, routing = self._forward(x_TH)
-        return y_TH.view(x.shape), routing
-
-    def _forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
-        routing = self.router(x_TH)
-        plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts)
-        out_SH = get_backend(self._backend)(self.experts, x_TH, plan)
-        y_TH = combine(out_SH, plan, routing.topk_weights_TK)
-        return (y_TH if self.shared is None else y_TH + self._shared(x_TH)), routing
-
-    def _forward_timed(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, RoutingResult, MoEStats]:
-        clock = _StageClock(x_TH.device)
+        clock = _StageClock(x_TH.device) if self.collect_stats else _NO_CLOCK
         routing = self.router(x_TH)
         routing_s = clock.lap()
         plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts)
@@ -134,8 +120,9 @@ class SparseMoE(nn.Module):
         if self.shared is not None:
             y_TH = y_TH + self._shared(x_TH)
         shared_s = clock.lap()
-        stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
-        return y_TH, routing, stats
+        if self.collect_stats:
+            self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
+        return y_TH.view(x.shape), routing
 
     def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
         assert self.shared is not None
@@ -150,6 +137,16 @@ class SparseMoE(nn.Module):
             )
         if x.dtype != self.experts.w_gate_up.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match expert weights {self.experts.w_gate_up.dtype}")
+
+
+class _NoClock:
+    """Stands in for the clock when stats are off: no timer calls, no syncs."""
+
+    def lap(self) -> float:
+        return 0.0
+
+
+_NO_CLOCK = _NoClock()
 
 
 class _StageClock:

@@ -207,8 +207,7 @@ def _runner(impl: str, model: nn.Module, blocks: list[nn.Module], layers: list[S
     """``run(copy, x_1TH) → (y, stage seconds or None)`` for one implementation."""
     if impl == "activepath":
         def run(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
-            y = layers[c](x)
-            return y, _stage_times(layers[c])
+            return _output(layers[c](x)), _stage_times(layers[c])
         return run
     if impl == "dense":
         return lambda c, x: dense_forward(layers[c], x)
@@ -217,9 +216,13 @@ def _runner(impl: str, model: nn.Module, blocks: list[nn.Module], layers: list[S
     def run_hf(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
         if model.config._experts_implementation != hf_impl:
             model.set_experts_implementation(hf_impl)
-        out = blocks[c](x)
-        return (out[0] if isinstance(out, tuple) else out), None
+        return _output(blocks[c](x)), None
     return run_hf
+
+
+def _output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    # GPT-OSS blocks (and activepath's replacement) return (hidden, router_scores)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _stage_times(layer: SparseMoE) -> dict[str, float] | None:

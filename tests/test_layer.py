@@ -105,7 +105,7 @@ def test_experts_with_no_tokens_are_skipped(backend: str, monkeypatch: pytest.Mo
     original = ExpertWeights.gate_up
     monkeypatch.setattr(ExpertWeights, "gate_up", lambda self, xs, e: called.append(e) or original(self, xs, e))
     check_against_oracle(layer, x)
-    if backend == "grouped":
+    if backend == "grouped_loop":
         assert sorted(called) == [e for e in range(E) if e not in dead]
 
 
@@ -194,3 +194,19 @@ def test_bad_inputs_and_options() -> None:
         ExpertWeights(torch.randn(E, 2 * I, H), torch.randn(E, H, I).double(), ActivationConfig())
     with pytest.raises(ValueError, match="hidden_act"):
         ActivationConfig.from_hf("relu6")
+
+
+def test_grouped_uses_grouped_gemm_when_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F
+
+    calls: list[int] = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(9, H)
+    with torch.no_grad():
+        make_layer()(x)  # fp32, 16-byte rows: one grouped GEMM for gate/up, one for down
+        assert len(calls) == 2
+        make_layer(dtype=torch.float64)(x.double())  # not a grouped-GEMM dtype: the loop
+        assert len(calls) == 2
+    make_layer()(x)  # grad mode: torch's CPU grouped GEMM has no backward, so the loop
+    assert len(calls) == 2

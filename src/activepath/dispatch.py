@@ -7,6 +7,7 @@ K experts per token, S = T*K slots, E experts.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -16,13 +17,15 @@ import torch
 class DispatchPlan:
     """Slots sorted by expert.
 
-    ``order_S[j]`` is the slot at sorted position j; expert e owns sorted positions
+    ``order_S[j]`` is the slot at sorted position j, ``expert_ids_S[j]`` its expert and
+    ``token_idx_S[j]`` its token; expert e owns sorted positions
     ``offsets[e]:offsets[e+1]``. ``counts`` and ``offsets`` are plain ints because the
     expert loop needs them on the host anyway; reading them once here is the only sync.
     """
 
     order_S: torch.Tensor
     token_idx_S: torch.Tensor
+    expert_ids_S: torch.Tensor
     counts_E: torch.Tensor
     counts: tuple[int, ...]
     offsets: tuple[int, ...]
@@ -45,18 +48,28 @@ def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
         raise ValueError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids_TK.shape)}")
     num_tokens, top_k = topk_ids_TK.shape
     ids_S = topk_ids_TK.reshape(-1)
-    if ids_S.numel() and (int(ids_S.min()) < 0 or int(ids_S.max()) >= num_experts):
-        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids_S.min()}..{ids_S.max()}")
-    order_S = torch.sort(ids_S, stable=True).indices
-    counts_E = torch.bincount(ids_S, minlength=num_experts)
-    counts = tuple(counts_E.tolist())
-    offsets = (0, *torch.cumsum(counts_E, 0).tolist())
+    counts_E = _count(ids_S, num_experts)
+    expert_ids_S, order_S = torch.sort(ids_S, stable=True)
+    counts = tuple(counts_E.tolist())  # the one host sync
     return DispatchPlan(
         order_S=order_S,
         token_idx_S=order_S // top_k,
+        expert_ids_S=expert_ids_S,
         counts_E=counts_E,
         counts=counts,
-        offsets=tuple(int(o) for o in offsets),
+        offsets=(0, *itertools.accumulate(counts)),
         num_tokens=num_tokens,
         top_k=top_k,
     )
+
+
+def _count(ids_S: torch.Tensor, num_experts: int) -> torch.Tensor:
+    # bincount both counts and range-checks: it grows past num_experts for an id too
+    # large and rejects negative ids, so no separate min/max reductions are needed.
+    try:
+        counts_E = torch.bincount(ids_S, minlength=num_experts)
+    except RuntimeError as exc:
+        raise ValueError(f"expert ids must be non-negative integers: {exc}") from None
+    if counts_E.numel() > num_experts:
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {int(ids_S.max())}")
+    return counts_E

@@ -186,10 +186,22 @@ def _wide_mlp(weights: ExpertWeights, x_1H: torch.Tensor, e: int) -> torch.Tenso
 def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Fast path: one gathered activation matrix, one GEMM pair per *active* expert.
 
-    Idle experts are never touched. Expert weights are read in place (views of the
-    stacked tensors); only activations are gathered.
+    Idle experts are never touched; expert weights are read in place (views of the
+    stacked tensors), only activations are gathered. Uses torch's grouped GEMM (one call
+    for all experts) where it applies, else a loop over the active experts.
     """
     x_SH = x_TH.index_select(0, plan.token_idx_S)
+    if _grouped_mm_applies(weights, x_SH):
+        return _grouped_mm_experts(weights, x_SH, plan)
+    return _loop_experts(weights, x_SH, plan)
+
+
+def grouped_loop_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """``grouped`` without torch's grouped GEMM: a Python loop over the active experts."""
+    return _loop_experts(weights, x_TH.index_select(0, plan.token_idx_S), plan)
+
+
+def _loop_experts(weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     out_SH = torch.empty_like(x_SH)
     # Writing straight into the output slice saves a copy, but out= has no autograd.
     in_place = not torch.is_grad_enabled()
@@ -200,6 +212,30 @@ def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
         else:
             out_SH[lo:hi] = weights.mlp(x_SH[lo:hi], e)
     return out_SH
+
+
+def _grouped_mm_experts(weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    ends_E = torch.tensor(plan.offsets[1:], dtype=torch.int32, device=x_SH.device)
+    w_gu_EHN = weights.w_gate_up if weights.transposed else weights.w_gate_up.transpose(-2, -1)
+    w_dn_EIH = weights.w_down if weights.transposed else weights.w_down.transpose(-2, -1)
+    gate_up_S2I = F.grouped_mm(x_SH, w_gu_EHN, offs=ends_E)
+    if weights.b_gate_up is not None:
+        gate_up_S2I += weights.b_gate_up.index_select(0, plan.expert_ids_S)
+    out_SH = F.grouped_mm(gated_activation(weights.activation, gate_up_S2I), w_dn_EIH, offs=ends_E)
+    if weights.b_down is not None:
+        out_SH += weights.b_down.index_select(0, plan.expert_ids_S)
+    return out_SH
+
+
+def _grouped_mm_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
+    """torch's grouped GEMM: no autograd on CPU, fp32/bf16/fp16 only, 16-byte aligned rows."""
+    if not hasattr(F, "grouped_mm") or torch.is_grad_enabled() or x_SH.shape[0] == 0:
+        return False
+    if x_SH.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    row_bytes = (weights.hidden_size * x_SH.element_size(), weights.intermediate_size * x_SH.element_size())
+    pointers = (x_SH.data_ptr(), weights.w_gate_up.data_ptr(), weights.w_down.data_ptr())
+    return all(n % 16 == 0 for n in row_bytes + pointers)
 
 
 def rowwise_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -225,6 +261,7 @@ def rowwise_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
 
 register_backend("reference", reference_experts, batch_invariant=True)
 register_backend("grouped", grouped_experts)
+register_backend("grouped_loop", grouped_loop_experts)
 register_backend("rowwise", rowwise_experts, batch_invariant=True)
 
 

@@ -110,6 +110,20 @@ class ExpertWeights(nn.Module):
         """Expert ``e``'s whole gated MLP on ``x_SH``."""
         return self.down(gated_activation(self.activation, self.gate_up(x_SH, e)), e, out_SH)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype this layer computes in."""
+        return self.w_gate_up.dtype
+
+    def matrices(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s gate/up [2I, H] and down [H, I] weights in nn.Linear layout (views)."""
+        w_gu, w_dn = self.w_gate_up[e], self.w_down[e]
+        return (w_gu.t(), w_dn.t()) if self.transposed else (w_gu, w_dn)
+
+    def biases(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Expert ``e``'s gate/up [2I] and down [H] biases, if any."""
+        return (None if self.b_gate_up is None else self.b_gate_up[e], None if self.b_down is None else self.b_down[e])
+
 
 def _linear(
     x_SK: torch.Tensor,
@@ -174,13 +188,13 @@ def reference_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: Dispatch
 
 def _wide_mlp(weights: ExpertWeights, x_1H: torch.Tensor, e: int) -> torch.Tensor:
     acc = x_1H.dtype
-    w_gu, w_dn = weights.w_gate_up[e].to(acc), weights.w_down[e].to(acc)
-    gate_up = x_1H @ w_gu if weights.transposed else x_1H @ w_gu.t()
-    if weights.b_gate_up is not None:
-        gate_up = gate_up + weights.b_gate_up[e].to(acc)
-    h = gated_activation(weights.activation, gate_up)
-    y = h @ w_dn if weights.transposed else h @ w_dn.t()
-    return y if weights.b_down is None else y + weights.b_down[e].to(acc)
+    w_gu, w_dn = (w.to(acc) for w in weights.matrices(e))
+    b_gu, b_dn = weights.biases(e)
+    gate_up = x_1H @ w_gu.t()
+    if b_gu is not None:
+        gate_up = gate_up + b_gu.to(acc)
+    y = gated_activation(weights.activation, gate_up) @ w_dn.t()
+    return y if b_dn is None else y + b_dn.to(acc)
 
 
 def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -228,8 +242,11 @@ def _grouped_mm_experts(weights: ExpertWeights, x_SH: torch.Tensor, plan: Dispat
 
 
 def _grouped_mm_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
-    """torch's grouped GEMM: no autograd on CPU, fp32/bf16/fp16 only, 16-byte aligned rows."""
-    if not hasattr(F, "grouped_mm") or torch.is_grad_enabled() or x_SH.shape[0] == 0:
+    """torch's grouped GEMM: plain stacked weights, no autograd on CPU, fp32/bf16/fp16 only,
+    16-byte aligned rows."""
+    if type(weights) is not ExpertWeights or not hasattr(F, "grouped_mm"):
+        return False
+    if torch.is_grad_enabled() or x_SH.shape[0] == 0:
         return False
     if x_SH.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False

@@ -18,13 +18,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def optimize(model: nn.Module, *, backend: str = "grouped", collect_stats: bool = False,
-             top_k: int | None = None) -> nn.Module:
+             top_k: int | None = None, expert_dtype: str = "native") -> nn.Module:
     """Replace every MoE block of a transformers model with a ``SparseMoE``, in place.
 
     The new layers share the original parameters (nothing is copied); dense layers are
     left alone. Returns ``model``. Raises ``ValueError`` for an unsupported architecture.
     """
-    options = OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k)
+    options = OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
@@ -44,7 +44,8 @@ def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         backend: str = "grouped", collect_stats: bool = False, top_k: int | None = None) -> nn.Module:
+         backend: str = "grouped", collect_stats: bool = False, top_k: int | None = None,
+         expert_dtype: str = "native") -> nn.Module:
     """Load a checkpoint directory (config.json + *.safetensors), or an embedded model by
     name (``"tiny"``), and return it optimized.
 
@@ -57,12 +58,12 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     directory = _checkpoint_dir(path)
     model_type = json.loads((directory / "config.json").read_text()).get("model_type")
     adapter_for(str(model_type))  # fail before reading any weights
-    OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k)
+    OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=_resolve_dtype(dtype), use_safetensors=True, experts_implementation="eager"
     )
     model.to(torch.device(device)).eval()
-    return optimize(model, backend=backend, collect_stats=collect_stats, top_k=top_k)
+    return optimize(model, backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:

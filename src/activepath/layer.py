@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .capacity import CapacityConfig, apply_capacity
 from .combine import combine
 from .dispatch import plan_dispatch
 from .experts import ExpertWeights, get_backend, is_batch_invariant
@@ -62,8 +63,10 @@ class SparseMoE(nn.Module):
     """Routes each token to its top-k experts and runs only those.
 
     Structural parts (router, expert weights, shared experts) are fixed at construction;
-    ``backend`` and ``collect_stats`` are per-call settings that may change at any time.
-    After a call with ``collect_stats=True``, ``last_stats`` holds its ``MoEStats``.
+    ``backend``, ``collect_stats`` and ``capacity`` (None: dropless) are per-call settings
+    that may change at any time. After a call with ``collect_stats=True``, ``last_stats``
+    holds its ``MoEStats``; ``overflow_dropped``/``overflow_rerouted`` count capacity
+    overflows since construction.
     """
 
     def __init__(
@@ -90,6 +93,9 @@ class SparseMoE(nn.Module):
         self.backend = backend
         self.collect_stats = collect_stats
         self.last_stats: MoEStats | None = None
+        self.capacity: CapacityConfig | None = None
+        self.register_buffer("overflow_dropped", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("overflow_rerouted", torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
     def backend(self) -> str:
@@ -110,6 +116,8 @@ class SparseMoE(nn.Module):
         x_TH = x.reshape(-1, x.shape[-1])
         clock = _StageClock(x_TH.device) if self.collect_stats else _NO_CLOCK
         routing = self.router(x_TH)
+        if self.capacity is not None:
+            routing = self._apply_capacity(routing)
         routing_s = clock.lap()
         plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts)
         dispatch_s = clock.lap()
@@ -124,6 +132,13 @@ class SparseMoE(nn.Module):
             self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
         return y_TH.view(x.shape), routing
 
+    def _apply_capacity(self, routing: RoutingResult) -> RoutingResult:
+        assert self.capacity is not None
+        result = apply_capacity(self.capacity, routing, self.experts.num_experts)
+        self.overflow_dropped += result.dropped
+        self.overflow_rerouted += result.rerouted
+        return result.routing
+
     def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
         assert self.shared is not None
         return self.shared(x_TH, row_wise=is_batch_invariant(self._backend))
@@ -135,8 +150,8 @@ class SparseMoE(nn.Module):
             raise ValueError(
                 f"input hidden size {tuple(x.shape)[-1:]} does not match the layer's {self.experts.hidden_size}"
             )
-        if x.dtype != self.experts.w_gate_up.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match expert weights {self.experts.w_gate_up.dtype}")
+        if x.dtype != self.experts.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the layer's {self.experts.dtype}")
 
 
 class _NoClock:

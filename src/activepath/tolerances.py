@@ -36,6 +36,13 @@ MODEL_LOGITS_ATOL_FP32 = 1e-5
 HALF_ERROR_RATIO = 1.25
 HALF_ERROR_SLACK = 2e-3
 
+# Int8 experts (weights per output channel, activations per product, 7-bit), fp32 model:
+# mean abs logit difference vs the fp32 model over the mean abs fp32 logit. (A max bound
+# would again measure near-tie routing flips.) The embedded model's held-out texts also
+# require >= 99 % top-1 agreement.
+INT8_LOGITS_MEAN_RTOL = 0.05
+INT8_TOP1_AGREEMENT = 0.99
+
 # Batch invariance: a sequence's fp32 logits alone vs inside a batch, max abs difference.
 BATCH_INVARIANCE_ATOL = 1e-6
 

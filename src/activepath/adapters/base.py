@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .._common import check_positive_int
+from .._common import check_choice, check_positive_int
 from ..experts import ActivationConfig, ExpertWeights, get_backend
 from ..layer import SparseMoE
+from ..quantize import quantize_experts
 from ..routing import RouterConfig
 
 
@@ -25,11 +26,14 @@ class OptimizeOptions:
     backend: experts backend name (see ``activepath.experts.backend_names()``).
     collect_stats: record per-call ``MoEStats`` on every layer (costs a few timer calls).
     top_k: override the model's experts per token (fewer = faster, less exact); None keeps it.
+    expert_dtype: "native" keeps the model's expert weights; "int8" packs them per output
+    channel (see ``activepath.quantize``).
     """
 
     backend: str = "grouped"
     collect_stats: bool = False
     top_k: int | None = None
+    expert_dtype: str = "native"
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str):
@@ -39,6 +43,7 @@ class OptimizeOptions:
             raise TypeError(f"collect_stats must be a bool, got {self.collect_stats!r}")
         if self.top_k is not None:
             check_positive_int("top_k", self.top_k)
+        check_choice("expert_dtype", self.expert_dtype, ("native", "int8"))
 
     def top_k_for(self, model_top_k: int) -> int:
         return model_top_k if self.top_k is None else self.top_k
@@ -58,9 +63,10 @@ class FamilyAdapter:
 
 
 def finish(moe: SparseMoE, options: OptimizeOptions) -> SparseMoE:
-    """Apply the per-call options every adapter shares."""
+    """Apply the options every adapter shares: per-call settings, then the weight transform."""
     moe.backend = options.backend
     moe.collect_stats = options.collect_stats
+    moe.experts = quantize_experts(moe.experts, options.expert_dtype)
     return moe
 
 

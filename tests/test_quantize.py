@@ -1,0 +1,59 @@
+"""Int8 expert weights: accuracy against the float model, interface, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import activepath
+from activepath.quantize import Int8ExpertWeights
+from activepath.tolerances import INT8_LOGITS_MEAN_RTOL
+from families import FAMILIES, tiny_model
+from oracle import moe_oracle
+from test_families import random_ids
+from test_layer import H, make_layer
+
+
+@pytest.mark.parametrize("act", ["silu", "gpt_oss"])
+@pytest.mark.parametrize("backend", ["grouped", "rowwise", "reference"])
+def test_int8_layer_close_to_float(act: str, backend: str) -> None:
+    layer = make_layer(act, seed=2)
+    x = torch.randn(23, H)
+    with torch.no_grad():
+        routing = layer.router(x)
+        exact = moe_oracle(layer.experts, x, routing.topk_ids_TK, routing.topk_weights_TK)
+        layer.experts = Int8ExpertWeights.from_weights(layer.experts)
+        layer.backend = backend
+        got = layer(x).double()
+    rel = (got - exact).abs().max() / exact.abs().max()
+    assert rel < 0.03, rel  # 8-bit weights, 7-bit activations
+
+
+def test_int8_dequantized_matrices_round_trip() -> None:
+    layer = make_layer("gpt_oss")
+    q = Int8ExpertWeights.from_weights(layer.experts)
+    for e in (0, 5):
+        for w_float, w_deq in zip(layer.experts.matrices(e), q.matrices(e)):
+            step = w_float.abs().amax(dim=1, keepdim=True) / 127  # per output channel
+            assert ((w_float - w_deq).abs() <= step / 2 + 1e-7).all()
+        torch.testing.assert_close(q.biases(e)[0], layer.experts.biases(e)[0])
+    assert q.weight_bytes_per_expert < layer.experts.matrices(0)[0].numel() * 4 * 3 / 2 / 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_model_logits_within_tolerance(family: str) -> None:
+    reference = tiny_model(family)
+    model = activepath.optimize(tiny_model(family), expert_dtype="int8")
+    assert all(isinstance(layer.experts, Int8ExpertWeights) for _, layer in activepath.moe_layers(model))
+    ids = random_ids(2, 16, seed=11)
+    with torch.no_grad():
+        expected, got = reference(ids).logits, model(ids).logits
+    assert (got - expected).abs().mean() <= INT8_LOGITS_MEAN_RTOL * expected.abs().mean()
+
+
+def test_int8_bf16_model_and_bad_options() -> None:
+    model = activepath.optimize(tiny_model("qwen3_moe", dtype=torch.bfloat16), expert_dtype="int8")
+    with torch.no_grad():
+        assert model(random_ids(1, 5, seed=1)).logits.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="expert_dtype"):
+        activepath.optimize(tiny_model("olmoe"), expert_dtype="int4")

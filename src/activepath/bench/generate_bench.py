@@ -16,7 +16,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from .timing import Clock, Summary, progress_bar, summarize
 
 log = logging.getLogger(__name__)
 
-GENERATE_IMPLS = ("activepath", "hf", "hf-eager", "hf-grouped_mm")
+GENERATE_IMPLS = ("activepath", "activepath-int8", "hf", "hf-eager", "hf-grouped_mm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,12 +152,12 @@ def run_generate_bench(
     rows: list[GenerateRow] = []
     for impl in config.impls:
         bar.set_postfix_str(impl)
-        with _prepared(model, impl, default_impl, config.backend) as (tap, resolved):
-            _generate(model, warm_prompt, 2, tap, clock, meter, mbytes, _Trace())
+        with _prepared(model, impl, default_impl, config.backend, mbytes) as (tap, resolved, impl_bytes):
+            _generate(model, warm_prompt, 2, tap, clock, meter, impl_bytes, _Trace())
             trace = _Trace()
             for prompt in prompts:
-                _generate(model, prompt, config.new, tap, clock, meter, mbytes, trace, bar)
-        rows.append(_row(impl, resolved, trace, config, mbytes, roofline, rows[0] if rows else None))
+                _generate(model, prompt, config.new, tap, clock, meter, impl_bytes, trace, bar)
+        rows.append(_row(impl, resolved, trace, config, impl_bytes, roofline, rows[0] if rows else None))
     bar.close()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return GenerateBenchResult(model=label, dtype=dtype, num_layers=model.config.num_hidden_layers,
@@ -206,20 +206,27 @@ class _ActivepathTap:
 
 
 @contextmanager
-def _prepared(model: nn.Module, impl: str, default_impl: str, backend: str) -> Iterator[tuple[object, str]]:
-    """Put ``model`` in the state ``impl`` needs; undo activepath's patch on exit."""
+def _prepared(
+    model: nn.Module, impl: str, default_impl: str, backend: str, mbytes: ModelBytes
+) -> Iterator[tuple[object, str, ModelBytes]]:
+    """Put ``model`` in the state ``impl`` needs (and say what a step reads in that state);
+    undo activepath's patch on exit."""
     blocks = moe_blocks(model)
-    if impl != "activepath":
+    if not impl.startswith("activepath"):
         model.set_experts_implementation(default_impl if impl == "hf" else impl.removeprefix("hf-"))
         tap = _HFTap([b for _, b in blocks])
         try:
-            yield tap, f"transformers experts_implementation={model.config._experts_implementation}"
+            yield tap, f"transformers experts_implementation={model.config._experts_implementation}", mbytes
         finally:
             tap.close()
         return
-    optimize(model, backend=backend, collect_stats=True)
+    expert_dtype = "int8" if impl == "activepath-int8" else "native"
+    optimize(model, backend=backend, collect_stats=True, expert_dtype=expert_dtype)
+    if expert_dtype == "int8":
+        packed = [layer.experts.weight_bytes_per_expert for _, layer in moe_layers(model)]
+        mbytes = replace(mbytes, expert_bytes_by_layer=packed)
     try:
-        yield _ActivepathTap(model), f"activepath backend={backend} (collect_stats on)"
+        yield _ActivepathTap(model), f"activepath backend={backend} expert_dtype={expert_dtype} (collect_stats on)", mbytes
     finally:
         for name, block in blocks:
             model.set_submodule(name, block)

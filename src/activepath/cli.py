@@ -12,6 +12,8 @@ import sys
 _SUBCOMMANDS = {
     "demo": "activepath.demo",
     "bench": "activepath.bench.cli",
+    "serve": "activepath.serving.serve_cmd",
+    "loadtest": "activepath.serving.loadtest",
 }
 
 

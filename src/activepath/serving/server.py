@@ -77,6 +77,8 @@ def build_app(engine: Engine, tokenizer: Any, *, served_model: str, metrics: Ser
 
     app = FastAPI(title="activepath", lifespan=lifespan)
     max_len = engine.config.scheduler.max_len
+    model_vocab = getattr(engine.runner.model.config.get_text_config(), "vocab_size", None) or len(tokenizer)
+    vocab_size = min(len(tokenizer), model_vocab)  # ids the tokenizer knows and the model can embed
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
@@ -106,7 +108,7 @@ def build_app(engine: Engine, tokenizer: Any, *, served_model: str, metrics: Ser
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
-        req = parse_completion(body, served_model=served_model, max_len=max_len, vocab_size=len(tokenizer))
+        req = parse_completion(body, served_model=served_model, max_len=max_len, vocab_size=vocab_size)
         prompt_ids = _encode(tokenizer, req)
         if len(prompt_ids) + req.max_tokens > max_len:
             raise context_error(len(prompt_ids), req.max_tokens, max_len)

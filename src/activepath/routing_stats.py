@@ -53,6 +53,57 @@ def expert_load(model: nn.Module, ids_BW: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def window_loads(model: nn.Module, ids_BW: torch.Tensor) -> torch.Tensor:
+    """Top-k slot counts per window, layer and expert: [B, L, E] (one forward per window)."""
+    return torch.stack([expert_load(model, ids_BW[b : b + 1]) * ids_BW.shape[1] for b in range(ids_BW.shape[0])])
+
+
+def js_permutation_null(counts_a_BLE: torch.Tensor, counts_b_BLE: torch.Tensor, rounds: int = 200,
+                        seed: int = 0) -> torch.Tensor:
+    """JS divergence between random re-splits of the pooled windows of two samples: [rounds, L].
+
+    The null distribution for "the two samples route alike": windows, not tokens, are
+    shuffled, so correlation between tokens of one window is kept. Compare the observed
+    JS against, e.g., its 95th percentile.
+    """
+    pooled = torch.cat([counts_a_BLE, counts_b_BLE]).double()
+    n_a = counts_a_BLE.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rounds):
+        perm = torch.randperm(pooled.shape[0], generator=gen)
+        a_LE, b_LE = pooled[perm[:n_a]].sum(0), pooled[perm[n_a:]].sum(0)
+        out.append(js_divergence(a_LE / a_LE.sum(-1, keepdim=True), b_LE / b_LE.sum(-1, keepdim=True)))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def router_confidence(model: nn.Module, ids_BW: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the router's top-1 softmax probability, per MoE layer: [L].
+
+    1/E for a router that cannot tell experts apart (random weights); a trained router is sure.
+    """
+    layers = [layer for _, layer in moe_layers(model)]
+    if not layers:
+        raise ValueError("model has no SparseMoE layers: call activepath.optimize(model) first")
+    seen: list[torch.Tensor] = []
+
+    def tap(router: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        logits_TE = inputs[0].double() @ router.weight.double().T
+        if router.bias is not None:
+            logits_TE = logits_TE + router.bias.double()
+        seen.append(logits_TE.softmax(dim=-1).amax(dim=-1).mean())
+
+    handles = [layer.router.register_forward_pre_hook(tap) for layer in layers]
+    try:
+        model(input_ids=ids_BW, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(seen)
+
+
+@torch.no_grad()
 def perplexity(model: nn.Module, ids_BW: torch.Tensor) -> float:
     """exp(mean next-token cross entropy) over every window, each read from its start."""
     logits_BWV = model(input_ids=ids_BW, use_cache=False).logits.double()

@@ -3,7 +3,7 @@ documentation (prose) with a small share of its standard library (code).
 
 On a fresh Debian/Ubuntu machine with the package archive reachable:
 
-    python training/train_tiny.py                 # ~35 min on 2 CPU cores
+    python training/train_tiny.py                 # 32.5 min measured on 1 (shared) CPU thread; --threads 2 by default
     python training/model_card.py                 # measures the shipped model, writes README.md
 
 Writes into ``src/activepath/models/tiny/``: config.json, model.safetensors (bf16), the

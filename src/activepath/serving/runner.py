@@ -138,10 +138,8 @@ def _decode_batched(q_BH1D: torch.Tensor, k_SHND: torch.Tensor, v_SHND: torch.Te
         keys, values = k_SHND[index, :, :width], v_SHND[index, :, :width]
     pos_B = torch.tensor(batch.decode_pos, device=k_SHND.device)
     mask_B11W = (torch.arange(width, device=k_SHND.device) <= pos_B[:, None]).view(len(slots), 1, 1, width)
-    q_BH1D = q_BH1D.to(keys.dtype)
-    keys = keys.repeat_interleave(q_BH1D.shape[1] // keys.shape[1], dim=1)
-    values = values.repeat_interleave(q_BH1D.shape[1] // values.shape[1], dim=1)
-    o_BH1D = F.scaled_dot_product_attention(q_BH1D, keys, values, attn_mask=mask_B11W, scale=scaling)
+    o_BH1D = F.scaled_dot_product_attention(q_BH1D, keys, values, attn_mask=mask_B11W, scale=scaling,
+                                            enable_gqa=True)
     return o_BH1D[:, :, 0]
 
 

@@ -104,31 +104,36 @@ def build_app(engine: Engine, tokenizer: Any, *, served_model: str, metrics: Ser
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
-        req = parse_completion(body, served_model=served_model, max_len=max_len, vocab_size=vocab_size)
-        prompt_ids = _encode(tokenizer, req)
-        if len(prompt_ids) + req.max_tokens > max_len:
-            raise context_error(len(prompt_ids), req.max_tokens, max_len)
-        bridge = _Bridge()
-        try:
-            request_id = engine.submit(prompt_ids, req.max_tokens, bridge.put)
-        except QueueFull as exc:
-            metrics.requests.labels("rejected").inc()
-            retry = str(max(1, math.ceil(exc.retry_after_s)))
-            return JSONResponse(RequestError(503, f"server busy: {exc}; retry later").body(), status_code=503,
-                                headers={"Retry-After": retry})
-        except ValueError as exc:
-            raise RequestError(400, str(exc)) from None
-        call = _Call(engine, tokenizer, req, request_id, bridge, len(prompt_ids))
-        if req.stream:
-            return StreamingResponse(call.stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await call.complete(request)
+        return await _completion(request, engine, tokenizer, metrics, served_model=served_model,
+                                 max_len=max_len, vocab_size=vocab_size)
 
     return app
+
+
+async def _completion(request: Request, engine: Engine, tokenizer: Any, metrics: ServingMetrics, *,
+                      served_model: str, max_len: int, vocab_size: int) -> Response:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
+    req = parse_completion(body, served_model=served_model, max_len=max_len, vocab_size=vocab_size)
+    prompt_ids = _encode(tokenizer, req)
+    if len(prompt_ids) + req.max_tokens > max_len:
+        raise context_error(len(prompt_ids), req.max_tokens, max_len)
+    bridge = _Bridge()
+    try:
+        request_id = engine.submit(prompt_ids, req.max_tokens, bridge.put)
+    except QueueFull as exc:
+        metrics.requests.labels("rejected").inc()
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        return JSONResponse(RequestError(503, f"server busy: {exc}; retry later").body(), status_code=503,
+                            headers={"Retry-After": retry})
+    except ValueError as exc:
+        raise RequestError(400, str(exc)) from None
+    call = _Call(engine, tokenizer, req, request_id, bridge, len(prompt_ids))
+    if req.stream:
+        return StreamingResponse(call.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await call.complete(request)
 
 
 def _encode(tokenizer: Any, req: CompletionRequest) -> list[int]:

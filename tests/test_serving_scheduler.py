@@ -137,3 +137,21 @@ def test_cost_model_fit() -> None:
 def test_config_validation(bad: dict) -> None:
     with pytest.raises(ValueError):
         SchedulerConfig(**bad)
+
+
+def test_loadtest_accounting_finds_lost_and_duplicated() -> None:
+    from activepath.serving.loadtest import LoadTestConfig, RequestRecord, render_markdown, summarize
+
+    def rec(i: int, ids: set[str], finishes: int = 1, done: int = 1, status: int = 200) -> RequestRecord:
+        return RequestRecord(i, 0.0, status=status, token_s=[0.1, 0.2, 0.3], finish_reasons=["length"] * finishes,
+                             done_markers=done, response_ids=ids)
+
+    cfg = LoadTestConfig(concurrency=2, duration_s=1.0)
+    good = summarize(cfg, [rec(0, {"a"}), rec(1, {"b"})], 1.0)
+    assert good["ok"] and good["requests"]["complete"] == 2 and good["itl_s"]["p50"] == pytest.approx(0.1)
+    bad = summarize(cfg, [rec(0, {"a"}), rec(1, {"a"}), rec(2, {"c"}, done=0), rec(3, {"d"}, finishes=2),
+                          rec(4, set(), status=503)], 1.0)
+    assert not bad["ok"]
+    assert bad["requests"]["rejected_503"] == 1 and bad["requests"]["lost"] == 2  # no [DONE]; two finishes
+    assert bad["requests"]["duplicated"] == 2  # id "a" twice; request 3 finished twice
+    assert "| 5 | 2 | 1 | 2 | 2 |" in render_markdown(bad)

@@ -126,3 +126,31 @@ def test_engine_abort_frees_slot(prompts) -> None:
         assert engine.generate(prompts[1], 3) is not None  # the one slot is free again
     finally:
         engine.stop()
+
+
+def test_embedded_tiny_model_through_engine() -> None:
+    """The shipped trained model (bf16): engine tokens equal transformers generate."""
+    from transformers import AutoTokenizer
+
+    from activepath.models import embedded_path
+
+    directory = embedded_path("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in ("The json module provides functions to", "def main():\n")]
+    reference = activepath.load("tiny")
+    with torch.no_grad():
+        expected = [reference.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8,
+                                       do_sample=False)[0, len(p):].tolist() for p in prompts]
+    engine = Engine(activepath.load("tiny"), EngineConfig(scheduler=SchedulerConfig(max_batch_size=2, max_len=64))).start()
+    try:
+        results: list[list[int]] = [[], []]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], 8)))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine.stop()
+    assert results == expected

@@ -57,3 +57,20 @@ def test_int8_bf16_model_and_bad_options() -> None:
         assert model(random_ids(1, 5, seed=1)).logits.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="expert_dtype"):
         activepath.optimize(tiny_model("olmoe"), expert_dtype="int4")
+
+
+@pytest.mark.parametrize("domain", ["prose", "code", "shifted"])
+def test_int8_top1_agreement_on_embedded_model(domain: str) -> None:
+    from transformers import AutoTokenizer
+
+    from activepath.models import embedded_path
+    from activepath.routing_stats import windows
+    from activepath.tolerances import INT8_TOP1_AGREEMENT
+
+    directory = embedded_path("tiny")
+    text = (directory / f"eval_{domain}.txt").read_text()
+    ids_BW = windows(AutoTokenizer.from_pretrained(directory)(text)["input_ids"], 128)
+    fp32, int8 = activepath.load("tiny"), activepath.load("tiny", expert_dtype="int8")
+    with torch.no_grad():
+        agree = (fp32(ids_BW).logits.argmax(-1) == int8(ids_BW).logits.argmax(-1)).float().mean().item()
+    assert agree >= INT8_TOP1_AGREEMENT, agree

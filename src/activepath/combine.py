@@ -14,13 +14,17 @@ from .dispatch import DispatchPlan
 def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Tensor) -> torch.Tensor:
     """Return ``y_TH[t] = sum_k w[t, k] * out[slot(t, k)]`` in the dtype of ``out_sorted_SH``.
 
-    The sum runs over k in a fixed order and in fp32 (or wider), so a token's result depends only on
-    its own slots: not on thread scheduling, nor on which tokens share the batch.
+    Consumes ``out_sorted_SH`` (scaled in place when it is fp32 and autograd is off): at
+    prefill sizes a fresh [S, H] temporary costs more in page faults than the arithmetic.
+    Each token's k terms are added in fp32 (or wider), in dispatch order (ascending expert
+    id) — an order that depends only on the token's own routing, so the result does not
+    depend on thread scheduling nor on which tokens share the batch.
     """
-    hidden = out_sorted_SH.shape[-1]
-    out_slot_SH = torch.empty_like(out_sorted_SH)
-    out_slot_SH[plan.order_S] = out_sorted_SH
-    out_TKH = out_slot_SH.view(plan.num_tokens, plan.top_k, hidden)
     acc = torch.promote_types(out_sorted_SH.dtype, torch.float32)
-    weighted_TKH = out_TKH.to(acc) * topk_weights_TK.to(acc).unsqueeze(-1)
-    return weighted_TKH.sum(dim=1).to(out_sorted_SH.dtype)
+    w_sorted_S1 = topk_weights_TK.reshape(-1).index_select(0, plan.order_S).to(acc).unsqueeze(1)
+    if out_sorted_SH.dtype == acc and not torch.is_grad_enabled():
+        weighted_SH = out_sorted_SH.mul_(w_sorted_S1)
+    else:
+        weighted_SH = out_sorted_SH.to(acc) * w_sorted_S1
+    y_TH = torch.zeros(plan.num_tokens, out_sorted_SH.shape[1], dtype=acc, device=out_sorted_SH.device)
+    return y_TH.index_add_(0, plan.token_idx_S, weighted_SH).to(out_sorted_SH.dtype)

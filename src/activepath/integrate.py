@@ -51,11 +51,14 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
 
     Per-expert keys as saved on disk are stacked by transformers' own loader; pickle
     checkpoints (*.bin) are refused. ``dtype`` is a torch dtype or one of
-    ``float32``/``bfloat16``/``float16``; None keeps the checkpoint's.
+    ``float32``/``bfloat16``/``float16``; None keeps the checkpoint's (fp32 for embedded models).
     """
     from transformers import AutoModelForCausalLM
 
     directory = _checkpoint_dir(path)
+    if dtype is None and isinstance(path, str) and embedded_path(path) is not None:
+        # Embedded models were trained in fp32 and are stored in bf16 only to stay small.
+        dtype = torch.float32
     model_type = json.loads((directory / "config.json").read_text()).get("model_type")
     adapter_for(str(model_type))  # fail before reading any weights
     OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)

@@ -168,7 +168,8 @@ def test_optimize_holds_no_second_copy_of_weights() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     before_rss, peak_rss, after_rss, before_bytes, after_bytes = map(int, out)
-    assert before_bytes > 150e6 and after_bytes == before_bytes
+    # the weights are shared, not copied: only small per-layer counters are added
+    assert before_bytes > 150e6 and before_bytes <= after_bytes <= before_bytes + 4096
     assert peak_rss <= 1.1 * before_rss and after_rss <= 1.1 * before_rss
 
 

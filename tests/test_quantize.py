@@ -7,7 +7,7 @@ import torch
 
 import activepath
 from activepath.quantize import Int8ExpertWeights
-from activepath.tolerances import INT8_LOGITS_MEAN_RTOL
+from activepath.tolerances import INT8_LAYER_RTOL, INT8_LOGITS_MEAN_RTOL
 from families import FAMILIES, tiny_model
 from oracle import moe_oracle
 from test_families import random_ids
@@ -26,7 +26,7 @@ def test_int8_layer_close_to_float(act: str, backend: str) -> None:
         layer.backend = backend
         got = layer(x).double()
     rel = (got - exact).abs().max() / exact.abs().max()
-    assert rel < 0.03, rel  # 8-bit weights, 7-bit activations
+    assert rel < INT8_LAYER_RTOL, rel  # 8-bit weights, 7-bit activations
 
 
 def test_int8_dequantized_matrices_round_trip() -> None:

@@ -149,15 +149,22 @@ def run_generate_bench(
     meter = EnergyMeter(device, config.watts_per_core)
     clock = Clock(device)
     bar = progress_bar(len(config.impls) * config.repeats * config.new, "bench generate", progress)
+    traces = {impl: _Trace() for impl in config.impls}
+    resolved: dict[str, str] = {}
+    step_bytes: dict[str, ModelBytes] = {}
+    # Round-robin over impls for every prompt, so slow drift in the machine's state
+    # (other load, thermal, memory) lands on every impl alike rather than on whichever ran last.
+    for prompt in prompts:
+        for impl in config.impls:
+            bar.set_postfix_str(impl)
+            with _prepared(model, impl, default_impl, config.backend, mbytes) as (tap, label_, bytes_):
+                resolved[impl], step_bytes[impl] = label_, bytes_
+                _generate(model, warm_prompt, 2, tap, clock, meter, bytes_, _Trace())
+                _generate(model, prompt, config.new, tap, clock, meter, bytes_, traces[impl], bar)
     rows: list[GenerateRow] = []
     for impl in config.impls:
-        bar.set_postfix_str(impl)
-        with _prepared(model, impl, default_impl, config.backend, mbytes) as (tap, resolved, impl_bytes):
-            _generate(model, warm_prompt, 2, tap, clock, meter, impl_bytes, _Trace())
-            trace = _Trace()
-            for prompt in prompts:
-                _generate(model, prompt, config.new, tap, clock, meter, impl_bytes, trace, bar)
-        rows.append(_row(impl, resolved, trace, config, impl_bytes, roofline, rows[0] if rows else None))
+        first = rows[0] if rows else None
+        rows.append(_row(impl, resolved[impl], traces[impl], config, step_bytes[impl], roofline, first))
     bar.close()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return GenerateBenchResult(model=label, dtype=dtype, num_layers=model.config.num_hidden_layers,
@@ -335,8 +342,9 @@ def _per_token(joules: list[float], tokens: int) -> float | None:
 def _method_text(config: GenerateConfig) -> str:
     return (
         f"greedy decoding, batch {config.batch}, prompt {config.prompt} random tokens, {config.new} new tokens "
-        f"(1 from prefill + {config.new - 1} decode steps); per impl 1 warm-up generation excluded, then "
-        f"{config.repeats} generation(s) on distinct seeded prompts shared by all impls. Decode bytes per step: "
+        f"(1 from prefill + {config.new - 1} decode steps); {config.repeats} generation(s) on distinct seeded "
+        "prompts shared by all impls, run round-robin (prompt 1 on every impl, then prompt 2, ...), each "
+        "preceded by a 2-token warm-up generation that is excluded. Decode bytes per step: "
         "non-expert weights (embedding rows only) + distinct routed experts touched per layer + KV cache. Expert "
         "utilisation: tokens per expert summed over prefill and decode of the timed generations. activepath runs "
         "with collect_stats on (a few timer calls per layer); hf-* have forward pre-hooks that keep a reference "

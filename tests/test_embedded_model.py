@@ -90,7 +90,9 @@ def test_loads_by_name_offline(monkeypatch):
     model = activepath.load("tiny")
     assert model.config.model_type == "qwen3_moe"
     assert len(activepath.moe_layers(model)) == model.config.num_hidden_layers
-    assert next(model.parameters()).dtype == torch.bfloat16  # the checkpoint's own dtype
+    # trained in fp32, stored in bf16 to stay small: loads in fp32 unless asked otherwise
+    assert next(model.parameters()).dtype == torch.float32
+    assert next(activepath.load("tiny", dtype="bfloat16").parameters()).dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)

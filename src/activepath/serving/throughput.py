@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": [{"what": k, "seconds": v, "tokens_per_s": total / v, "speedup_vs_generate": baseline / v}
                  for k, v in rows.items()],
         "engine_tokens_equal_generate": engine_tokens == hf_tokens,
+        "engine_requests_equal_generate": sum(a == b for a, b in zip(engine_tokens, hf_tokens)),
+        "engine_first_divergence": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                                    for a, b in zip(engine_tokens, hf_tokens)],
         "activepath_generate_equal_generate": ap_seq_tokens == hf_tokens,
         "transformers_continuous_error": cb_error,
     }
@@ -135,7 +138,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for row in doc["rows"]:
         lines.append(f"| {row['what']} | {row['seconds']:.2f} | {row['tokens_per_s']:.1f} | "
                      f"{row['speedup_vs_generate']:.2f} |")
-    lines += ["", f"Engine tokens identical to transformers generate: **{doc['engine_tokens_equal_generate']}**"]
+    lines += ["", f"Engine tokens identical to transformers generate: **{doc['engine_tokens_equal_generate']}** "
+                  f"({doc['engine_requests_equal_generate']}/{doc['streams']} requests identical; first differing "
+                  f"token index per request: {doc['engine_first_divergence']})"]
     if doc["transformers_continuous_error"]:
         lines += ["", f"transformers generate_batch failed: `{doc['transformers_continuous_error']}`"]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="the name clients send as 'model' (default: the --model name)")
     p.add_argument("--backend", default="grouped", help="experts backend (default grouped)")
-    p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: the checkpoint's)")
+    p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: the checkpoint's; bf16 for tiny)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (= KV slots)")
     p.add_argument("--max-tokens-per-step", type=int, default=1024, help="token budget of one step")

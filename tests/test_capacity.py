@@ -142,3 +142,38 @@ def test_layer_output_equals_dropless_layer_on_capacity_routing(policy: str) -> 
             e, w = int(routing.topk_ids_TK[t, k]), float(routing.topk_weights_TK[t, k])
             manual[t] += w * layer.experts.mlp(x[t : t + 1], e)[0]
     torch.testing.assert_close(y, manual, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["grouped", "grouped_loop", "rowwise"])
+def test_dropped_slots_cost_no_expert_compute(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = make_layer(seed=3)
+    x = torch.randn(37, H, generator=torch.Generator().manual_seed(7))
+    cfg = CapacityConfig(capacity_factor=0.5, policy="drop")
+    with torch.no_grad():
+        dropless = layer(x)  # noqa: F841 - warm path, no capacity
+        expected = apply_capacity(cfg, layer.router(x), E)
+        rows: list[int] = []
+        original = type(layer.experts).gate_up
+        monkeypatch.setattr(type(layer.experts), "gate_up", lambda self, xs, e: rows.append(len(xs)) or original(self, xs, e))
+        layer.capacity, layer.backend = cfg, backend
+        y = layer(x)
+        layer.backend = "reference"
+        y_reference = layer(x)
+    kept = int(expected.kept_TK.sum())
+    assert 0 < kept < x.shape[0] * 2
+    if backend != "grouped":  # grouped runs torch's grouped GEMM, not gate_up
+        assert sum(rows) == kept  # only kept slots reach an expert
+    torch.testing.assert_close(y, y_reference, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_dispatch_leaves_out_dropped_slots() -> None:
+    from activepath import plan_dispatch
+
+    ids = torch.tensor([[3, 1], [1, 0], [3, 2]])
+    kept = torch.tensor([[True, False], [True, True], [False, True]])
+    plan = plan_dispatch(ids, 4, kept)
+    assert plan.counts == (1, 1, 1, 1)
+    assert plan.order_S.tolist() == [3, 2, 5, 0]
+    assert plan.token_idx_S.tolist() == [1, 1, 2, 0]
+    with pytest.raises(ValueError, match="expert ids"):
+        plan_dispatch(torch.tensor([[4, 0]]), 4, torch.tensor([[True, True]]))

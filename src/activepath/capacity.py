@@ -11,8 +11,8 @@ token's best expert is the last thing it loses. An overflowing slot is then
   room and that the token does not already use, keeping the slot's weight; dropped as
   above when no expert has room.
 
-A dropped slot keeps its expert id with weight 0, so dispatch and combine need no
-change; it still costs that expert one row of compute (see docs/serving.md).
+A dropped slot keeps its expert id with weight 0 and is marked in ``kept_TK``; the layer
+passes that mask to dispatch, which leaves the slot out, so it costs no expert compute.
 
 Shape legend: T tokens, K experts per token, E experts, S = T*K slots.
 """

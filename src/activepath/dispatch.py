@@ -15,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """Slots sorted by expert.
+    """Slots sorted by expert (only the slots kept, when a capacity stage dropped some).
 
     ``order_S[j]`` is the slot at sorted position j, ``expert_ids_S[j]`` its expert and
     ``token_idx_S[j]`` its token; expert e owns sorted positions
@@ -38,29 +38,43 @@ class DispatchPlan:
         return tuple(e for e, n in enumerate(self.counts) if n)
 
 
-def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
+def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Tensor | None = None) -> DispatchPlan:
     """Sort the slots of ``topk_ids_TK`` (int, [T, K]) by expert.
 
     The sort is stable, so inside an expert's group slots stay in token order: the plan
-    is a pure function of the routing, whatever the thread count.
+    is a pure function of the routing, whatever the thread count. ``kept_TK`` (bool, from
+    a capacity stage) leaves the False slots out of the plan entirely: no expert computes
+    them and combine adds nothing for them.
     """
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids_TK.shape)}")
     num_tokens, top_k = topk_ids_TK.shape
     ids_S = topk_ids_TK.reshape(-1)
-    counts_E = _count(ids_S, num_experts)
+    bins = num_experts
+    if kept_TK is not None:
+        _check_in_range(ids_S, num_experts)
+        ids_S = ids_S.masked_fill(~kept_TK.reshape(-1), num_experts)  # sentinel: sorts last
+        bins = num_experts + 1
+    counts_E = _count(ids_S, bins)[:num_experts]
     expert_ids_S, order_S = torch.sort(ids_S, stable=True)
     counts = tuple(counts_E.tolist())  # the one host sync
+    offsets = (0, *itertools.accumulate(counts))
+    order_S, expert_ids_S = order_S[: offsets[-1]], expert_ids_S[: offsets[-1]]
     return DispatchPlan(
         order_S=order_S,
         token_idx_S=order_S // top_k,
         expert_ids_S=expert_ids_S,
         counts_E=counts_E,
         counts=counts,
-        offsets=(0, *itertools.accumulate(counts)),
+        offsets=offsets,
         num_tokens=num_tokens,
         top_k=top_k,
     )
+
+
+def _check_in_range(ids_S: torch.Tensor, num_experts: int) -> None:
+    if ids_S.numel() and (int(ids_S.min()) < 0 or int(ids_S.max()) >= num_experts):
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {int(ids_S.min())}..{int(ids_S.max())}")
 
 
 def _count(ids_S: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -116,10 +116,11 @@ class SparseMoE(nn.Module):
         x_TH = x.reshape(-1, x.shape[-1])
         clock = _StageClock(x_TH.device) if self.collect_stats else _NO_CLOCK
         routing = self.router(x_TH)
+        kept_TK = None
         if self.capacity is not None:
-            routing = self._apply_capacity(routing)
+            routing, kept_TK = self._apply_capacity(routing)
         routing_s = clock.lap()
-        plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts)
+        plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts, kept_TK)
         dispatch_s = clock.lap()
         out_SH = get_backend(self._backend)(self.experts, x_TH, plan)
         experts_s = clock.lap()
@@ -132,12 +133,12 @@ class SparseMoE(nn.Module):
             self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
         return y_TH.view(x.shape), routing
 
-    def _apply_capacity(self, routing: RoutingResult) -> RoutingResult:
+    def _apply_capacity(self, routing: RoutingResult) -> tuple[RoutingResult, torch.Tensor]:
         assert self.capacity is not None
         result = apply_capacity(self.capacity, routing, self.experts.num_experts)
         self.overflow_dropped += result.dropped
         self.overflow_rerouted += result.rerouted
-        return result.routing
+        return result.routing, result.kept_TK
 
     def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
         assert self.shared is not None

@@ -11,7 +11,7 @@ it), ``w_down`` is ``[E, H, I]`` (or ``[E, I, H]``). Nothing is copied per token
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -216,11 +216,18 @@ def grouped_loop_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: Dispa
 
 
 def _loop_experts(weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    segments = ((e, plan.offsets[e], plan.offsets[e + 1]) for e in plan.active_experts)
+    return _run_segments(weights, x_SH, segments)
+
+
+def _run_segments(
+    weights: ExpertWeights, x_SH: torch.Tensor, segments: Iterable[tuple[int, int, int]]
+) -> torch.Tensor:
+    """Run expert ``e`` on sorted rows ``lo:hi`` for each ``(e, lo, hi)``."""
     out_SH = torch.empty_like(x_SH)
     # Writing straight into the output slice saves a copy, but out= has no autograd.
     in_place = not torch.is_grad_enabled()
-    for e in plan.active_experts:
-        lo, hi = plan.offsets[e], plan.offsets[e + 1]
+    for e, lo, hi in segments:
         if in_place:
             weights.mlp(x_SH[lo:hi], e, out_SH[lo:hi])
         else:
@@ -264,16 +271,8 @@ def rowwise_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
     batch. Same speed as ``grouped`` at one token per expert (decode), slower when experts
     get many tokens (prefill), since each slot re-reads the expert's weights.
     """
-    x_SH = x_TH.index_select(0, plan.token_idx_S)
-    out_SH = torch.empty_like(x_SH)
-    in_place = not torch.is_grad_enabled()
-    for e in plan.active_experts:
-        for j in range(plan.offsets[e], plan.offsets[e + 1]):
-            if in_place:
-                weights.mlp(x_SH[j : j + 1], e, out_SH[j : j + 1])
-            else:
-                out_SH[j : j + 1] = weights.mlp(x_SH[j : j + 1], e)
-    return out_SH
+    segments = ((e, j, j + 1) for e in plan.active_experts for j in range(plan.offsets[e], plan.offsets[e + 1]))
+    return _run_segments(weights, x_TH.index_select(0, plan.token_idx_S), segments)
 
 
 register_backend("reference", reference_experts, batch_invariant=True)

@@ -208,5 +208,7 @@ def test_grouped_uses_grouped_gemm_when_it_applies(monkeypatch: pytest.MonkeyPat
         assert len(calls) == 2
         make_layer(dtype=torch.float64)(x.double())  # not a grouped-GEMM dtype: the loop
         assert len(calls) == 2
+        make_layer(top_k=1)(x[:1])  # 1 of 8 experts active (decode): the loop is cheaper
+        assert len(calls) == 2
     make_layer()(x)  # grad mode: torch's CPU grouped GEMM has no backward, so the loop
     assert len(calls) == 2

@@ -202,10 +202,14 @@ def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
 
     Idle experts are never touched; expert weights are read in place (views of the
     stacked tensors), only activations are gathered. Uses torch's grouped GEMM (one call
-    for all experts) where it applies, else a loop over the active experts.
+    for all experts) where it applies and many experts are active, else a loop over the
+    active experts.
     """
     x_SH = x_TH.index_select(0, plan.token_idx_S)
-    if _grouped_mm_applies(weights, x_SH):
+    # torch's CPU grouped GEMM visits every expert (an empty matmul and a host sync each),
+    # so when few experts are active (decode) the loop over the active ones is cheaper.
+    few_active = len(plan.active_experts) * 8 <= weights.num_experts
+    if not few_active and _grouped_mm_applies(weights, x_SH):
         return _grouped_mm_experts(weights, x_SH, plan)
     return _loop_experts(weights, x_SH, plan)
 

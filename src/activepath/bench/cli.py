@@ -208,9 +208,11 @@ def notes(doc: dict[str, Any]) -> list[str]:
     env = doc["environment"]
     for when in ("start", "end"):
         load = env.get(f"load_avg_1m_at_{when}")
-        if load is not None and load > _BUSY_LOAD:
-            out.append(f"machine not idle: 1-min load average {load:.2f} at {when} (other processes were running); "
-                       "figures may be pessimistic")
+        # By the end, the 1-minute average includes the bench's own busy threads.
+        own = env.get("torch_threads", 0) if when == "end" else 0
+        if load is not None and load - own > _BUSY_LOAD:
+            out.append(f"machine not idle: 1-min load average {load:.2f} at {when}, beyond the bench's own {own} "
+                       "threads (other processes were running); figures may be pessimistic")
     if env.get("llc_bytes") is None:
         out.append("last-level cache size unknown: whether weights were cold is not known (pass --llc-mib)")
     if doc.get("roofline") is None:

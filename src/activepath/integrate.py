@@ -34,7 +34,7 @@ def optimize(model: nn.Module, *, backend: str = "grouped", collect_stats: bool 
     for name, block in blocks:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, adapter.convert(block, _text_config(config), options))
+        setattr(parent, child, adapter.convert(block, config.get_text_config(), options))
     return model
 
 
@@ -93,7 +93,3 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
         return _DTYPES[dtype]
     raise TypeError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
-
-def _text_config(config: object) -> object:
-    # Multimodal wrappers keep the MoE settings on a text sub-config.
-    return getattr(config, "text_config", None) or config

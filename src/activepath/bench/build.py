@@ -68,13 +68,8 @@ def _uniform_(p: torch.Tensor, gen: torch.Generator, *, center: float, std: floa
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The transformers MoE blocks of ``model`` (before ``optimize``), in module order."""
-    block_class = adapter_for(text_config(model.config).model_type).block_class
+    block_class = adapter_for(model.config.get_text_config().model_type).block_class
     return [(name, m) for name, m in model.named_modules() if type(m).__name__ == block_class]
-
-
-def text_config(config: PretrainedConfig) -> PretrainedConfig:
-    # Multimodal wrappers keep the MoE settings on a text sub-config.
-    return getattr(config, "text_config", None) or config
 
 
 def expert_parameters(block: nn.Module) -> list[nn.Parameter]:

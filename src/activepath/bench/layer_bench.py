@@ -27,7 +27,7 @@ from ..dispatch import plan_dispatch
 from ..experts import get_backend
 from ..layer import SparseMoE
 from .arith import ExpertLoad, MoEGeometry, distinct_experts, expert_load, moe_flops, percent_of, weight_bytes
-from .build import build_model, moe_blocks, text_config
+from .build import build_model, moe_blocks
 from .roofline import Roofline
 from .shapes import ModelShape, hf_config
 from .timing import Clock, Summary, TimingPlan, progress_bar, summarize, time_calls
@@ -167,9 +167,9 @@ def _build_layers(
     hf = hf_config(shape, layers=shape.first_k_dense + copies, vocab=32)
     model = build_model(hf, dtype=dtype, seed=config.seed, device=device)
     blocks = [b for _, b in moe_blocks(model)]
-    adapter = adapter_for(text_config(model.config).model_type)
+    adapter = adapter_for(model.config.get_text_config().model_type)
     options = OptimizeOptions(backend=config.backend, collect_stats=True)
-    layers = [adapter.convert(b, text_config(model.config), options) for b in blocks]
+    layers = [adapter.convert(b, model.config.get_text_config(), options) for b in blocks]
     with torch.no_grad():  # one router for all copies: routing depends on the input alone
         for layer in layers[1:]:
             layer.router.weight.copy_(layers[0].router.weight)

@@ -17,6 +17,7 @@ from activepath import (
     plan_dispatch,
     register_backend,
 )
+from activepath import native
 from activepath.tolerances import tolerance
 from oracle import moe_oracle
 
@@ -204,8 +205,13 @@ def test_grouped_uses_grouped_gemm_when_it_applies(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(9, H)
     with torch.no_grad():
-        make_layer()(x)  # fp32, 16-byte rows: one grouped GEMM for gate/up, one for down
+        # bf16 (no native kernel), 16-byte rows: one grouped GEMM for gate/up, one for down
+        make_layer(dtype=torch.bfloat16)(x.bfloat16())
         assert len(calls) == 2
+        make_layer()(x)  # fp32: the native kernel when it is built, else grouped GEMM
+        assert len(calls) == (2 if native.available() else 4)
+        calls.clear()
+        calls.extend([1, 1])
         make_layer(dtype=torch.float64)(x.double())  # not a grouped-GEMM dtype: the loop
         assert len(calls) == 2
         make_layer(top_k=1)(x[:1])  # 1 of 8 experts active (decode): the loop is cheaper

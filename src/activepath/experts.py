@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from ._common import as_parameter
 from ._common import check_choice
 from .dispatch import DispatchPlan
@@ -201,17 +202,63 @@ def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
     """Fast path: one gathered activation matrix, one GEMM pair per *active* expert.
 
     Idle experts are never touched; expert weights are read in place (views of the
-    stacked tensors), only activations are gathered. Uses torch's grouped GEMM (one call
-    for all experts) where it applies and many experts are active, else a loop over the
-    active experts.
+    stacked tensors), only activations are gathered. Experts with few tokens run in the
+    native small-batch kernel (one call for all of them) where it applies; the rest use
+    torch's grouped GEMM (one call for all experts) when many experts are active, else a
+    loop over the active experts.
     """
     x_SH = x_TH.index_select(0, plan.token_idx_S)
+    if _native_applies(weights, x_SH):
+        return _native_experts(weights, x_SH, plan, max_rows=NATIVE_MAX_ROWS)
     # torch's CPU grouped GEMM visits every expert (an empty matmul and a host sync each),
     # so when few experts are active (decode) the loop over the active ones is cheaper.
     few_active = len(plan.active_experts) * 8 <= weights.num_experts
     if not few_active and _grouped_mm_applies(weights, x_SH):
         return _grouped_mm_experts(weights, x_SH, plan)
     return _loop_experts(weights, x_SH, plan)
+
+
+# Above this many tokens per expert BLAS's blocked GEMM beats the native kernel on the
+# shapes we measured (benchmarks/results/native_gemm_*), so ``grouped`` hands such experts to it.
+NATIVE_MAX_ROWS = 64
+
+
+def native_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Every active expert in the native kernels: batch-invariant (each output element is
+    summed in a fixed order) and fast at any batch. Falls back to ``rowwise`` (also
+    batch-invariant) where the kernels do not apply (no compiler, non-fp32, transposed weights)."""
+    x_SH = x_TH.index_select(0, plan.token_idx_S)
+    if _native_applies(weights, x_SH):
+        return _native_experts(weights, x_SH, plan, max_rows=None)
+    return rowwise_experts(weights, x_TH, plan)
+
+
+def _native_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
+    if hasattr(weights, "run_segments"):
+        return native.available() and x_SH.device.type == "cpu"
+    if type(weights) is not ExpertWeights or weights.transposed:
+        return False  # GPT-OSS's [E, H, 2I] rows are not contiguous along K
+    return native.supports(x_SH, weights.w_gate_up) and native.supports(x_SH, weights.w_down)
+
+
+def _native_experts(
+    weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan, *, max_rows: int | None
+) -> torch.Tensor:
+    small, large = [], []
+    for e in plan.active_experts:
+        lo, hi = plan.offsets[e], plan.offsets[e + 1]
+        (small if max_rows is None or hi - lo <= max_rows else large).append((e, lo, hi))
+    x_SH = x_SH.contiguous()
+    if hasattr(weights, "run_segments"):  # int8 experts bring their own kernels
+        out_SH = weights.run_segments(x_SH, torch.tensor(small, dtype=torch.int64).reshape(-1, 3))
+    else:
+        out_SH = torch.empty_like(x_SH)
+        gate_up_S2I = x_SH.new_empty(x_SH.shape[0], 2 * weights.intermediate_size)
+        native.grouped_nk_gemm(x_SH, weights.w_gate_up, small, gate_up_S2I, weights.b_gate_up)
+        # Rows of large experts hold garbage until the loop below; the activation is row-local.
+        h_SI = gated_activation(weights.activation, gate_up_S2I).contiguous()
+        native.grouped_nk_gemm(h_SI, weights.w_down, small, out_SH, weights.b_down)
+    return _run_segments(weights, x_SH, large, out_SH) if large else out_SH
 
 
 def grouped_loop_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -225,10 +272,13 @@ def _loop_experts(weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan
 
 
 def _run_segments(
-    weights: ExpertWeights, x_SH: torch.Tensor, segments: Iterable[tuple[int, int, int]]
+    weights: ExpertWeights,
+    x_SH: torch.Tensor,
+    segments: Iterable[tuple[int, int, int]],
+    out_SH: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run expert ``e`` on sorted rows ``lo:hi`` for each ``(e, lo, hi)``."""
-    out_SH = torch.empty_like(x_SH)
+    """Run expert ``e`` on sorted rows ``lo:hi`` for each ``(e, lo, hi)``, into ``out_SH``."""
+    out_SH = torch.empty_like(x_SH) if out_SH is None else out_SH
     # Writing straight into the output slice saves a copy, but out= has no autograd.
     in_place = not torch.is_grad_enabled()
     for e, lo, hi in segments:
@@ -283,6 +333,7 @@ register_backend("reference", reference_experts, batch_invariant=True)
 register_backend("grouped", grouped_experts)
 register_backend("grouped_loop", grouped_loop_experts)
 register_backend("rowwise", rowwise_experts, batch_invariant=True)
+register_backend("native", native_experts, batch_invariant=True)
 
 
 def _check_shapes(

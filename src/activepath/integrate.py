@@ -11,6 +11,7 @@ from torch import nn
 
 from .adapters import OptimizeOptions, adapter_for, supported_model_types
 from .layer import SparseMoE
+from .linears import patch_linears
 from .models import embedded_path
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -18,11 +19,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def optimize(model: nn.Module, *, backend: str = "grouped", collect_stats: bool = False,
-             top_k: int | None = None, expert_dtype: str = "native") -> nn.Module:
+             top_k: int | None = None, expert_dtype: str = "native", native_linears: bool = True) -> nn.Module:
     """Replace every MoE block of a transformers model with a ``SparseMoE``, in place.
 
-    The new layers share the original parameters (nothing is copied); dense layers are
-    left alone. Returns ``model``. Raises ``ValueError`` for an unsupported architecture.
+    The new layers share the original parameters (nothing is copied). Dense layers keep
+    their modules; with ``native_linears`` their fp32 ``nn.Linear`` projections run through
+    the native small-batch kernel at decode-sized inputs (see ``linears``). Returns
+    ``model``. Raises ``ValueError`` for an unsupported architecture.
     """
     options = OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)
     config = getattr(model, "config", None)
@@ -35,6 +38,10 @@ def optimize(model: nn.Module, *, backend: str = "grouped", collect_stats: bool 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, adapter.convert(block, config.get_text_config(), options))
+    if not isinstance(native_linears, bool):
+        raise TypeError(f"native_linears must be a bool, got {native_linears!r}")
+    if native_linears:
+        patch_linears(model)
     return model
 
 
@@ -45,7 +52,7 @@ def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          backend: str = "grouped", collect_stats: bool = False, top_k: int | None = None,
-         expert_dtype: str = "native") -> nn.Module:
+         expert_dtype: str = "native", native_linears: bool = True) -> nn.Module:
     """Load a checkpoint directory (config.json + *.safetensors), or an embedded model by
     name (``"tiny"``), and return it optimized.
 
@@ -66,7 +73,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         directory, dtype=_resolve_dtype(dtype), use_safetensors=True, experts_implementation="eager"
     )
     model.to(torch.device(device)).eval()
-    return optimize(model, backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)
+    return optimize(model, backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype,
+                    native_linears=native_linears)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:

@@ -1,0 +1,204 @@
+"""Native CPU kernels: small-batch fp32 GEMM for weights in nn.Linear layout.
+
+Shape legend: M rows of activations, K input features, N output features, E stacked
+weight matrices (experts), G segments (expert, row range).
+
+The C++ source ships with the package and is compiled on first use with the system C++
+compiler for *this* CPU (``-march=native``), into a per-user cache keyed by the source,
+compiler flags and CPU. No compiler, a failed build, or ``ACTIVEPATH_NATIVE=0`` → the
+kernels report unavailable and every caller keeps its pure-PyTorch path. The library links
+the OpenMP runtime torch already loaded, so both share one thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+# Every C++ file here is compiled into one library.
+_SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
+# Weight rows per work item: 32 rows of a 2048-wide matrix is 256 KiB, enough to amortise
+# scheduling and few enough that 8 decode experts still give every thread work.
+N_BLOCK = 32
+# Activation rows per pass over a weight tile: they stay in L2 while the tile streams.
+M_BLOCK = 64
+# Below this many weight bytes a call runs on one thread. A parallel region waits for its
+# slowest thread, and when another process holds a core that thread may not run for a
+# whole scheduler slice (milliseconds) — far more than a 1 MiB router product is worth.
+PARALLEL_MIN_BYTES = 1 << 20
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get("ACTIVEPATH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """True when the kernels are built (building them now if needed) and enabled."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (None when it is True)."""
+    _library()
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def _library() -> ctypes.CDLL | None:
+    if disabled_by_env():
+        _state["reason"] = "disabled by ACTIVEPATH_NATIVE=0"
+        return None
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ACTIVEPATH_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "activepath" / "native"
+
+
+def _cpu_key() -> str:
+    # -march=native output differs by CPU, so the cache key names the CPU's flags.
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _load() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None or platform.system() != "Linux":
+        _state["reason"] = "no C++ compiler found (set CXX) or not Linux"
+        return None
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in _SOURCES) + " ".join((compiler, *_FLAGS)).encode() + _cpu_key().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"activepath_native-{digest}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as err:
+        _state["reason"] = f"native kernels unavailable: {err}"
+        warnings.warn(f"activepath: {_state['reason']}; using PyTorch kernels", RuntimeWarning, stacklevel=3)
+        return None
+    _declare(lib)
+    _state["reason"] = None
+    return lib
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a temporary name and rename: concurrent first uses never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out)], check=True, capture_output=True, timeout=300)
+        os.replace(out, target)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument types of every exported function (ctypes does not read headers)."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.ap_grouped_nk_gemm
+    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+
+def supports(x_MK: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the kernels apply: fp32 CPU tensors, unit stride along K, no autograd."""
+    return (
+        x_MK.dtype == torch.float32
+        and w.dtype == torch.float32
+        and x_MK.device.type == "cpu"
+        and w.device.type == "cpu"
+        and x_MK.dim() == 2
+        and x_MK.stride(-1) == 1
+        and w.stride(-1) == 1
+        and not (torch.is_grad_enabled() and (x_MK.requires_grad or w.requires_grad))
+        and available()
+    )
+
+
+def grouped_nk_gemm(
+    x_MK: torch.Tensor,
+    w_ENK: torch.Tensor,
+    segments: Sequence[tuple[int, int, int]],
+    out_MN: torch.Tensor,
+    bias_EN: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[lo:hi] = x[lo:hi] @ w[e].T (+ bias[e])`` for each ``(e, lo, hi)`` in
+    ``segments``. Rows of ``out`` outside every segment are left as they are.
+
+    Each output element's summation order is fixed (independent of M, the segments and
+    the threads), so results are batch-invariant.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
+    _check(x_MK, w_ENK, out_MN, bias_EN)
+    flat = _flat_segments(segments, w_ENK.shape[0], x_MK.shape[0])
+    _, n, k = w_ENK.shape
+    threads = torch.get_num_threads() if 4 * n * k * (len(flat) // 3) >= PARALLEL_MIN_BYTES else 1
+    rc = lib.ap_grouped_nk_gemm(
+        x_MK.data_ptr(), x_MK.stride(0), w_ENK.data_ptr(), w_ENK.stride(0), w_ENK.stride(1),
+        None if bias_EN is None else bias_EN.data_ptr(), 0 if bias_EN is None else bias_EN.stride(0),
+        out_MN.data_ptr(), out_MN.stride(0), n, k,
+        flat, len(flat) // 3, N_BLOCK, M_BLOCK, threads,
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"ap_grouped_nk_gemm failed with code {rc}")
+    return out_MN
+
+
+def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T (+ bias)`` for 2-D ``x``: the one-segment case."""
+    out_MN = x_MK.new_empty(x_MK.shape[0], w_NK.shape[0])
+    bias_1N = None if bias_N is None else bias_N.unsqueeze(0)
+    return grouped_nk_gemm(x_MK, w_NK.unsqueeze(0), ((0, 0, x_MK.shape[0]),), out_MN, bias_1N)
+
+
+def _flat_segments(segments: Sequence[tuple[int, int, int]], num_experts: int, rows: int) -> ctypes.Array:
+    # Checked on the host in plain Python: a few microseconds for an MoE layer's segments,
+    # cheaper than any tensor op, and the kernel trusts these bounds.
+    flat: list[int] = []
+    for segment in segments:
+        if len(segment) != 3:
+            raise ValueError(f"a segment is (expert, lo, hi), got {segment!r}")
+        e, lo, hi = (int(v) for v in segment)
+        if not (0 <= e < num_experts and 0 <= lo <= hi <= rows):
+            raise ValueError(f"segment out of range: {[e, lo, hi]} for E={num_experts}, M={rows}")
+        flat += (e, lo, hi)
+    return (ctypes.c_int64 * len(flat))(*flat)
+
+
+def _check(x_MK: torch.Tensor, w_ENK: torch.Tensor, out_MN: torch.Tensor, bias_EN: torch.Tensor | None) -> None:
+    # The kernel trusts its pointers, so every shape and stride is checked here.
+    if w_ENK.dim() != 3 or x_MK.dim() != 2 or out_MN.dim() != 2:
+        raise ValueError(f"expected x [M, K], w [E, N, K], out [M, N]; got {tuple(x_MK.shape)}, "
+                         f"{tuple(w_ENK.shape)}, {tuple(out_MN.shape)}")  # fmt: skip
+    num_experts, n, k = w_ENK.shape
+    for name, t in (("x", x_MK), ("w", w_ENK), ("out", out_MN), ("bias", bias_EN)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1):
+            raise TypeError(f"{name} must be a float32 CPU tensor with unit last stride; got {t.dtype} on "
+                            f"{t.device}, strides {t.stride()}")  # fmt: skip
+    if x_MK.shape[1] != k or out_MN.shape != (x_MK.shape[0], n) or n == 0:
+        raise ValueError(f"shapes do not chain: x {tuple(x_MK.shape)}, w {tuple(w_ENK.shape)}, out {tuple(out_MN.shape)}")
+    if bias_EN is not None and tuple(bias_EN.shape) != (num_experts, n):
+        raise ValueError(f"bias must be [{num_experts}, {n}], got {tuple(bias_EN.shape)}")

@@ -1,0 +1,139 @@
+"""The native small-batch GEMM (fp32, nn.Linear layout) against a float64 reference on
+awkward sizes, its batch invariance, its argument checks, and the layers built on it:
+the ``native``/``grouped`` experts backends and the patched nn.Linear forward."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from activepath import ActivationConfig, ExpertWeights, native, plan_dispatch
+from activepath.experts import NATIVE_MAX_ROWS, get_backend, reference_experts
+from activepath.linears import patch_linears
+from activepath.tolerances import tolerance
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+
+
+def _reference(x_MK, w_ENK, segments, bias_EN, n_rows):
+    out = torch.zeros(n_rows, w_ENK.shape[1], dtype=torch.float64)
+    for e, lo, hi in segments:
+        out[lo:hi] = x_MK[lo:hi].double() @ w_ENK[e].double().T
+        if bias_EN is not None:
+            out[lo:hi] += bias_EN[e].double()
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("k", [1, 7, 16, 33, 100, 2048])
+@pytest.mark.parametrize("n", [1, 3, 37, 130])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_grouped_gemm_matches_float64(k: int, n: int, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(k * 1000 + n)
+    w_ENK = torch.randn(5, n, k, generator=gen)
+    bias_EN = torch.randn(5, n, generator=gen) if with_bias else None
+    # Row counts 1, 0 (an expert with no rows), 2, 13, 97 (prime), experts 1 and 3 skipped.
+    bounds = [0, 1, 1, 3, 16, 113]
+    segments = [(e, lo, hi) for e, lo, hi in zip([4, 0, 2, 0, 4], bounds, bounds[1:])]
+    x_MK = torch.randn(bounds[-1], k, generator=gen)
+    out = torch.full((bounds[-1], n), float("nan"))
+    native.grouped_nk_gemm(x_MK, w_ENK, segments, out, bias_EN)
+    expected = _reference(x_MK, w_ENK, segments, bias_EN, bounds[-1])
+    err = (out.double() - expected).abs().max().item()
+    assert err <= tolerance(torch.float32).bound(expected) * k**0.5, err
+
+
+@needs_native
+def test_rows_outside_segments_are_untouched_and_strided_inputs_work() -> None:
+    w_ENK = torch.randn(2, 64, 48)[:, :, :40]  # row stride 48, unit last stride
+    x_MK = torch.randn(6, 80)[:, ::2].contiguous()
+    out = torch.full((6, 64), 7.0)
+    native.grouped_nk_gemm(x_MK[:, :40], w_ENK, [(1, 2, 5)], out)
+    assert (out[:2] == 7).all() and (out[5:] == 7).all()
+    torch.testing.assert_close(out[2:5], x_MK[2:5, :40] @ w_ENK[1].T, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_batch_invariant_bitwise() -> None:
+    w_ENK = torch.randn(3, 70, 2050)
+    x_MK = torch.randn(41, 2050)
+    full = torch.empty(41, 70)
+    native.grouped_nk_gemm(x_MK, w_ENK, [(2, 0, 41)], full)
+    for t in (0, 5, 40):
+        alone = torch.empty(1, 70)
+        native.grouped_nk_gemm(x_MK[t : t + 1].contiguous(), w_ENK, [(2, 0, 1)], alone)
+        assert torch.equal(alone[0], full[t])
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"x": torch.randn(4, 8, dtype=torch.float64)}, TypeError, "float32"),
+        ({"x": torch.randn(4, 9)}, ValueError, "do not chain"),
+        ({"segments": [(2, 0, 4)]}, ValueError, "out of range"),
+        ({"segments": [(-1, 0, 4)]}, ValueError, "out of range"),
+        ({"segments": [(0, 3, 2)]}, ValueError, "out of range"),
+        ({"segments": [(0, 0, 5)]}, ValueError, "out of range"),
+        ({"segments": [(0, 4)]}, ValueError, "segment is"),
+        ({"w": torch.randn(2, 6, 8)[:, :, ::2]}, TypeError, "unit last stride"),
+        ({"bias": torch.randn(2, 5)}, ValueError, "bias"),
+        ({"out": torch.empty(4, 5)}, ValueError, "do not chain"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match) -> None:
+    args = {"x": torch.randn(4, 8), "w": torch.randn(2, 6, 8), "segments": [(1, 0, 4)],
+            "out": torch.empty(4, 6), "bias": None} | kwargs  # fmt: skip
+    with pytest.raises(error, match=match):
+        native.grouped_nk_gemm(args["x"], args["w"], args["segments"], args["out"], args["bias"])
+
+
+def _experts(seed: int, e: int = 6, h: int = 40, i: int = 24) -> ExpertWeights:
+    gen = torch.Generator().manual_seed(seed)
+    return ExpertWeights(torch.randn(e, 2 * i, h, generator=gen) / h**0.5, torch.randn(e, h, i, generator=gen) / i**0.5,
+                         ActivationConfig(kind="silu"))  # fmt: skip
+
+
+@needs_native
+@pytest.mark.parametrize("backend", ["native", "grouped"])
+def test_backends_mix_native_and_blas_segments(backend: str) -> None:
+    # Expert 1 gets more than NATIVE_MAX_ROWS slots, so ``grouped`` sends it to BLAS and
+    # the others to the native kernel, in one call; expert 4 gets none.
+    weights = _experts(0)
+    ids = [1] * (NATIVE_MAX_ROWS + 9) + [0, 2, 3, 5] * 5 + [2]
+    ids_TK = torch.tensor(ids).reshape(-1, 1)
+    plan = plan_dispatch(ids_TK, weights.num_experts)
+    x_TH = torch.randn(len(ids), weights.hidden_size)
+    with torch.no_grad():
+        got = get_backend(backend)(weights, x_TH, plan)
+        want = reference_experts(weights, x_TH.double(), plan)
+    assert (got.double() - want).abs().max().item() <= tolerance(torch.float32).bound(want)
+
+
+def test_linear_patch_matches_nn_linear_and_respects_grad() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(33, 70), torch.nn.ReLU(), torch.nn.Linear(70, 5, bias=False))
+    x = torch.randn(2, 3, 33)
+    with torch.no_grad():
+        before = model(x)
+    patched = patch_linears(model)
+    assert patched == (2 if native.available() else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(torch.randn(0, 33)), torch.zeros(0, 5))
+    x.requires_grad_(True)
+    model(x).sum().backward()  # the BLAS path keeps autograd
+    assert x.grad is not None
+
+
+def test_disabled_by_environment_falls_back() -> None:
+    code = (
+        "import torch; from activepath import native; from activepath.experts import get_backend;"
+        "assert not native.available() and 'ACTIVEPATH_NATIVE' in native.unavailable_reason();"
+        "print('ok')"
+    )
+    env = {"ACTIVEPATH_NATIVE": "0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -146,6 +146,14 @@ def route(
     return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
 
 
+def router_logits_batch_invariant(config: RouterConfig, x_TH: torch.Tensor, weight_EH: torch.Tensor) -> bool:
+    """Whether ``route`` computes these logits with the native kernel (fixed summation
+    order per logit, so a token's routing is bitwise independent of its batch)."""
+    if config.logits_precision == "fp32":
+        return native.available() and x_TH.device.type == "cpu" and weight_EH.device.type == "cpu"
+    return native.supports(x_TH.reshape(-1, x_TH.shape[-1]), weight_EH)
+
+
 def _router_logits(
     config: RouterConfig, x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Tensor | None
 ) -> torch.Tensor:

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from .. import native
 from ..integrate import moe_layers
 from ..layer import SparseMoE
-from ..routing import RoutingResult
+from ..routing import RoutingResult, router_logits_batch_invariant
 from .scheduler import StepPlan
 
 ATTENTION_NAME = "activepath_packed"
@@ -156,7 +157,8 @@ AttentionInterface.register(ATTENTION_NAME, packed_attention)
 
 
 class RowwiseLinear(nn.Module):
-    """``nn.Linear`` computed one row at a time (1-row kernels: batch-invariant bits).
+    """``nn.Linear`` with batch-invariant bits: the native kernel (fixed summation order
+    per output) where it applies, else BLAS one row at a time (1-row kernels).
     Shares the wrapped layer's parameters."""
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -165,6 +167,9 @@ class RowwiseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_MK = x.reshape(-1, x.shape[-1])
+        if x_MK.shape[0] and native.supports(x_MK, self.linear.weight):
+            y_MN = native.linear(x_MK.contiguous(), self.linear.weight, self.linear.bias)
+            return y_MN.view(*x.shape[:-1], y_MN.shape[-1])
         rows = [F.linear(x_MK[m : m + 1], self.linear.weight, self.linear.bias) for m in range(x_MK.shape[0])]
         y_MN = torch.cat(rows) if rows else F.linear(x_MK, self.linear.weight, self.linear.bias)
         return y_MN.view(*x.shape[:-1], y_MN.shape[-1])
@@ -183,6 +188,8 @@ class RowwiseRouter(nn.Module):
         return self.inner.hidden_size
 
     def forward(self, x_TH: torch.Tensor) -> RoutingResult:
+        if router_logits_batch_invariant(self.inner.config, x_TH, self.inner.weight):
+            return self.inner(x_TH)
         parts = [self.inner(x_TH[t : t + 1]) for t in range(x_TH.shape[0])] or [self.inner(x_TH)]
         return RoutingResult(*(torch.cat(tensors) for tensors in zip(*(
             (p.topk_ids_TK, p.topk_weights_TK, p.logits_TE) for p in parts))))
@@ -197,7 +204,7 @@ def make_exact(model: nn.Module) -> None:
     for _, layer in moe_layers(model):
         if not isinstance(layer.router, RowwiseRouter):
             layer.router = RowwiseRouter(layer.router)  # type: ignore[assignment]
-        layer.backend = "rowwise"
+        layer.backend = "native"  # batch-invariant; falls back to ``rowwise`` off fp32
 
 
 class ModelRunner:

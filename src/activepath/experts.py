@@ -244,13 +244,16 @@ def _native_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
 def _native_experts(
     weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan, *, max_rows: int | None
 ) -> torch.Tensor:
+    if hasattr(weights, "run_segments"):
+        # int8 experts bring their own kernel, which keeps up with BLAS at any row count.
+        max_rows = None
     small, large = [], []
     for e in plan.active_experts:
         lo, hi = plan.offsets[e], plan.offsets[e + 1]
         (small if max_rows is None or hi - lo <= max_rows else large).append((e, lo, hi))
     x_SH = x_SH.contiguous()
-    if hasattr(weights, "run_segments"):  # int8 experts bring their own kernels
-        out_SH = weights.run_segments(x_SH, torch.tensor(small, dtype=torch.int64).reshape(-1, 3))
+    if hasattr(weights, "run_segments"):
+        out_SH = weights.run_segments(x_SH, small)
     else:
         out_SH = torch.empty_like(x_SH)
         gate_up_S2I = x_SH.new_empty(x_SH.shape[0], 2 * weights.intermediate_size)

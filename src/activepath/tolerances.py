@@ -36,14 +36,24 @@ MODEL_LOGITS_ATOL_FP32 = 1e-5
 HALF_ERROR_RATIO = 1.25
 HALF_ERROR_SLACK = 2e-3
 
-# Int8 experts (weights per output channel, activations per product, 7-bit), fp32 model:
-# mean abs logit difference vs the fp32 model over the mean abs fp32 logit. (A max bound
-# would again measure near-tie routing flips.) On the embedded model's held-out texts we
-# guarantee >= 98 % top-1 agreement per domain (measured 98.6-99.2 %; issue 6 asks 99 %).
+# Int8 experts (weights per output channel), fp32 model: mean abs logit difference vs the
+# fp32 model over the mean abs fp32 logit. (A max bound would again measure near-tie routing
+# flips.) These three hold for both int8 paths: the native weight-only kernel and the
+# fbgemm fallback without native kernels, which also quantizes activations (8-bit per
+# token; 7-bit on CPUs without VNNI). On the embedded model's held-out texts we guarantee
+# >= 98 % top-1 agreement per domain on either path (fallback measured 98.5-99.3 %).
 INT8_LOGITS_MEAN_RTOL = 0.05
 # One int8 layer vs the float64 oracle on the float weights: max abs error over max abs output.
 INT8_LAYER_RTOL = 0.05
 INT8_TOP1_AGREEMENT = 0.98
+
+# Weight-only int8 (the native kernel: fp32 activations, the only error is the weights'
+# rounding): tighter. Measured on a 2-core Zen 4: layer worst 1.2 % (make_layer, 5 seeds,
+# silu and GPT-OSS, every backend), tiny-family logits mean 0.4-0.9 %, embedded model
+# top-1 agreement 99.6-99.8 % per domain (issue 6 asks >= 99 %).
+INT8_WEIGHT_ONLY_LAYER_RTOL = 0.025
+INT8_WEIGHT_ONLY_LOGITS_MEAN_RTOL = 0.02
+INT8_WEIGHT_ONLY_TOP1_AGREEMENT = 0.99
 
 # Batch invariance: a sequence's fp32 logits alone vs inside a batch, max abs difference.
 BATCH_INVARIANCE_ATOL = 1e-6

@@ -49,13 +49,18 @@ static void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64
         v16 wv[NB];
         for (int n = 0; n < NB; ++n) {
             wv[n] = load16(w + n * ldw + k);
+#ifdef __AVX512F__
             // Pin the weight vector in a register: without this gcc re-loads it for every
-            // row of x, doubling the loads per FMA and halving the FMA rate.
+            // row of x, doubling the loads per FMA and halving the FMA rate. (A 64-byte
+            // vector fits one register only with AVX-512.)
             asm("" : "+v"(wv[n]));
+#endif
         }
         for (int m = 0; m < MB; ++m) {
             v16 xv = load16(x + m * ldx + k);
+#ifdef __AVX512F__
             asm("" : "+v"(xv));
+#endif
             for (int n = 0; n < NB; ++n) acc[m][n] += xv * wv[n];
         }
     }

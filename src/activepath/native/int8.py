@@ -1,0 +1,204 @@
+"""Weight-only int8 kernels: int8 weights with one fp32 scale per output channel, fp32
+activations (``nk_gemm_i8.cpp``).
+
+Shape legend: M rows of activations, K input features, N output features, E stacked
+weight matrices (experts), G segments (expert, row range).
+
+``y[m, n] = scale[e, n] * sum_k x[m, k] * q[e, n, k] (+ bias[e, n])``: the int8 values are
+widened to fp32 in registers, so the only error against fp32 weights is the weights'
+rounding (at most half a step, ``scale / 2``, per weight); activations are never quantized.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+
+from . import _library, unavailable_reason
+
+# Weight rows per work item. An int8 row is a quarter of an fp32 row, so 4x the fp32
+# N_BLOCK reads the same 256 KiB per item (Qwen3-30B-A3B: 12 items per gate_up expert,
+# 16 per down expert, enough for 2-16 threads at decode).
+N_BLOCK_I8 = 128
+# Activation rows per pass over a weight tile (they stay in L2 while the tile streams).
+M_BLOCK_I8 = 64
+# Below this many weight bytes a call runs on one thread (as the fp32 kernel does: a
+# parallel region waits for its slowest thread, which another process may be holding).
+PARALLEL_MIN_BYTES_I8 = 1 << 20
+
+_SYMBOL = "ap_grouped_nk_gemm_i8"
+_F32, _I8 = torch.float32, torch.int8
+
+
+def available() -> bool:
+    """True when the native library is built, enabled and has the int8 kernel."""
+    lib = _library()
+    return lib is not None and hasattr(lib, _SYMBOL)
+
+
+def _kernel() -> ctypes._CFuncPtr:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
+    if not hasattr(lib, _SYMBOL):
+        raise RuntimeError(f"the native library has no {_SYMBOL} (stale build?)")
+    fn = getattr(lib, _SYMBOL)  # ctypes caches this object on the library
+    if fn.argtypes is None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, i64,
+                       ctypes.c_int]  # fmt: skip
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def grouped_nk_gemm_i8(
+    x_MK: torch.Tensor,
+    q_ENK: torch.Tensor,
+    scale_EN: torch.Tensor,
+    segments_G3: torch.Tensor | Sequence[tuple[int, int, int]],
+    out_MN: torch.Tensor,
+    bias_EN: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[lo:hi] = (x[lo:hi] @ q[e].T) * scale[e] (+ bias[e])`` for each ``(e, lo, hi)`` of
+    ``segments_G3`` (an integer [G, 3] tensor or a sequence of triples). ``x``, ``scale``,
+    ``bias`` and ``out`` are fp32, ``q`` int8; all CPU with unit last stride. Rows of ``out``
+    outside every segment are left as they are. ``out`` must not overlap ``x``.
+
+    Each output element's summation order is fixed (independent of M, the segments and
+    the threads), so results are batch-invariant.
+    """
+    fn = _kernel()
+    _check(x_MK, q_ENK, scale_EN, out_MN, bias_EN)
+    num_experts, n, k = q_ENK.shape
+    flat = _flat_segments(segments_G3, num_experts, x_MK.shape[0])
+    groups = flat.shape[0] if isinstance(flat, torch.Tensor) else len(flat) // 3
+    threads = torch.get_num_threads() if n * k * groups >= PARALLEL_MIN_BYTES_I8 else 1
+    rc = fn(
+        x_MK.data_ptr(), x_MK.stride(0), q_ENK.data_ptr(), q_ENK.stride(0), q_ENK.stride(1),
+        scale_EN.data_ptr(), scale_EN.stride(0),
+        None if bias_EN is None else bias_EN.data_ptr(), 0 if bias_EN is None else bias_EN.stride(0),
+        out_MN.data_ptr(), out_MN.stride(0), n, k,
+        flat.data_ptr() if isinstance(flat, torch.Tensor) else flat, groups, N_BLOCK_I8, M_BLOCK_I8, threads,
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"{_SYMBOL} failed with code {rc}")
+    return out_MN
+
+
+def linear_i8(
+    x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor, bias_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(x @ q.T) * scale (+ bias)`` for 2-D fp32 ``x``: the one-segment case."""
+    out_MN = torch.empty(x_MK.shape[0], q_NK.shape[0], dtype=torch.float32)
+    bias = None if bias_N is None else bias_N.unsqueeze(0)
+    return grouped_nk_gemm_i8(x_MK, q_NK.unsqueeze(0), scale_N.unsqueeze(0), ((0, 0, x_MK.shape[0]),), out_MN, bias)
+
+
+def quantize_rows(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``scale[n] = max_k |w[n, k]| / 127`` (at least the
+    smallest normal fp32, so an all-zero row gets zeros), ``q = round(w / scale)``.
+
+    Returns ``(q_NK int8 contiguous, scale_N fp32)``; ``q * scale[:, None]`` is within
+    ``scale / 2`` of ``w`` everywhere. Any float dtype and strides are accepted.
+    """
+    if not isinstance(w_NK, torch.Tensor) or w_NK.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got {getattr(w_NK, 'shape', type(w_NK).__name__)}")
+    if not w_NK.is_floating_point():
+        raise TypeError(f"expected float weights, got {w_NK.dtype}")
+    w_NK = w_NK.detach().to(torch.float32)
+    if w_NK.shape[1] == 0:
+        return torch.zeros(w_NK.shape, dtype=torch.int8), torch.full((w_NK.shape[0],), torch.finfo(torch.float32).tiny)
+    if not bool(torch.isfinite(w_NK).all()):
+        raise ValueError("cannot quantize non-finite weights (inf or nan)")
+    scale_N = (w_NK.abs().amax(dim=1) / 127.0).clamp_(min=torch.finfo(torch.float32).tiny)
+    q_NK = torch.round(w_NK / scale_N.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q_NK.contiguous(), scale_N
+
+
+def _flat_segments(
+    segments: torch.Tensor | Sequence[tuple[int, int, int]], num_experts: int, rows: int
+) -> ctypes.Array | torch.Tensor:
+    """Checked on the host in plain Python ints: for an MoE layer's few segments this is
+    cheaper than any tensor op, and the kernel trusts these bounds."""
+    if isinstance(segments, torch.Tensor):
+        if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
+            raise TypeError(f"segments must be an integer tensor, got {segments.dtype}")
+        if segments.dim() != 2 or segments.shape[1] != 3:
+            raise ValueError(f"segments must be [G, 3] (expert, lo, hi), got shape {tuple(segments.shape)}")
+        flat = [v for segment in segments.tolist() for v in segment]
+        whole = segments.dtype == torch.int64 and segments.is_contiguous() and segments.device.type == "cpu"
+    else:
+        whole = False
+        flat = []
+        for segment in segments:
+            if len(segment) != 3:
+                raise ValueError(f"a segment is (expert, lo, hi), got {segment!r}")
+            flat += (int(segment[0]), int(segment[1]), int(segment[2]))
+    es, los, his = flat[0::3], flat[1::3], flat[2::3]
+    if flat and (min(es) < 0 or max(es) >= num_experts or min(los) < 0 or max(his) > rows
+                 or any(lo > hi for lo, hi in zip(los, his))):  # fmt: skip
+        bad = next(s for s in zip(es, los, his) if not (0 <= s[0] < num_experts and 0 <= s[1] <= s[2] <= rows))
+        raise ValueError(f"segment (expert, lo, hi) = {list(bad)} out of range for E={num_experts} experts, "
+                         f"M={rows} rows")  # fmt: skip
+    # The kernel can read a contiguous int64 tensor in place (values checked above).
+    return segments if whole else (ctypes.c_int64 * len(flat))(*flat)  # type: ignore[return-value]
+
+
+def _check(
+    x_MK: torch.Tensor,
+    q_ENK: torch.Tensor,
+    scale_EN: torch.Tensor,
+    out_MN: torch.Tensor,
+    bias_EN: torch.Tensor | None,
+) -> None:
+    # The kernel trusts its pointers, so every dtype, shape, stride and range is checked here
+    # (compactly: this runs twice per MoE layer per decode step).
+    specs = [("x", x_MK, 2, _F32), ("q", q_ENK, 3, _I8), ("scale", scale_EN, 2, _F32),
+             ("out", out_MN, 2, _F32)]  # fmt: skip
+    if bias_EN is not None:
+        specs.append(("bias", bias_EN, 2, _F32))
+    for name, t, dims, dtype in specs:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise TypeError(f"{name} must be a CPU tensor, got device {t.device}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along its last dim, got strides {t.stride()}")
+    num_experts, n, k = q_ENK.shape
+    m = x_MK.shape[0]
+    if n == 0:
+        raise ValueError(f"q must have at least one output row, got shape {tuple(q_ENK.shape)}")
+    if x_MK.shape[1] != k:
+        raise ValueError(f"x has {x_MK.shape[1]} features but q rows have {k}: x {tuple(x_MK.shape)}, "
+                         f"q {tuple(q_ENK.shape)}")  # fmt: skip
+    if tuple(out_MN.shape) != (m, n):
+        raise ValueError(f"out must be [{m}, {n}], got {tuple(out_MN.shape)}")
+    if tuple(scale_EN.shape) != (num_experts, n):
+        raise ValueError(f"scale must be [{num_experts}, {n}], got {tuple(scale_EN.shape)}")
+    if bias_EN is not None and tuple(bias_EN.shape) != (num_experts, n):
+        raise ValueError(f"bias must be [{num_experts}, {n}], got {tuple(bias_EN.shape)}")
+    if m > 1 and out_MN.stride(0) < n:
+        raise ValueError(f"out rows overlap: row stride {out_MN.stride(0)} < {n} columns")
+    storage = out_MN.untyped_storage().data_ptr()
+    for name, t in (("x", x_MK), ("scale", scale_EN), ("bias", bias_EN)):
+        if t is not None and t.untyped_storage().data_ptr() == storage and _overlap(out_MN, t):
+            raise ValueError(f"out overlaps {name} in memory; the kernel reads {name} while it writes out")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two (strided) tensors intersect."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1

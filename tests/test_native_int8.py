@@ -384,12 +384,16 @@ def test_weight_only_model_logits(family: str) -> None:
 
 @pytest.fixture(scope="module")
 def embedded_pair():
-    return activepath.load("tiny"), activepath.load("tiny", expert_dtype="int8")
+    return activepath.load("tiny"), {
+        "experts": activepath.load("tiny", expert_dtype="int8"),
+        "experts+dense": activepath.load("tiny", expert_dtype="int8", dense_dtype="int8"),
+    }
 
 
 @needs_native
+@pytest.mark.parametrize("which", ["experts", "experts+dense"])
 @pytest.mark.parametrize("domain", ["prose", "code", "shifted"])
-def test_weight_only_top1_agreement_on_embedded_model(domain: str, embedded_pair) -> None:
+def test_weight_only_top1_agreement_on_embedded_model(domain: str, which: str, embedded_pair) -> None:
     from transformers import AutoTokenizer
 
     from activepath.models import embedded_path
@@ -398,7 +402,7 @@ def test_weight_only_top1_agreement_on_embedded_model(domain: str, embedded_pair
     directory = embedded_path("tiny")
     text = (directory / f"eval_{domain}.txt").read_text()
     ids_BW = windows(AutoTokenizer.from_pretrained(directory)(text)["input_ids"], 128)
-    fp32, int8 = embedded_pair
+    fp32, int8 = embedded_pair[0], embedded_pair[1][which]
     with torch.no_grad():
         agree = (fp32(ids_BW).logits.argmax(-1) == int8(ids_BW).logits.argmax(-1)).float().mean().item()
     assert agree >= INT8_WEIGHT_ONLY_TOP1_AGREEMENT, agree

@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import OptimizeOptions, adapter_for, supported_model_types
 from .layer import SparseMoE
-from .linears import patch_linears
+from .linears import patch_linears, quantize_linears
 from .models import embedded_path
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -19,15 +19,20 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def optimize(model: nn.Module, *, backend: str = "grouped", collect_stats: bool = False,
-             top_k: int | None = None, expert_dtype: str = "native", native_linears: bool = True) -> nn.Module:
+             top_k: int | None = None, expert_dtype: str = "native", native_linears: bool = True,
+             dense_dtype: str = "native") -> nn.Module:
     """Replace every MoE block of a transformers model with a ``SparseMoE``, in place.
 
     The new layers share the original parameters (nothing is copied). Dense layers keep
     their modules; with ``native_linears`` their fp32 ``nn.Linear`` projections run through
-    the native small-batch kernel at decode-sized inputs (see ``linears``). Returns
-    ``model``. Raises ``ValueError`` for an unsupported architecture.
+    the native small-batch kernel at decode-sized inputs (see ``linears``).
+    ``dense_dtype="int8"`` replaces those projections (attention, lm_head, shared experts)
+    with weight-only int8 ones (``linears.Int8Linear``) — with ``expert_dtype="int8"``, a
+    fully weight-only-int8 model. Returns ``model``. Raises ``ValueError`` for an
+    unsupported architecture.
     """
     options = OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)
+    _check_dense_options(native_linears, dense_dtype)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
@@ -38,11 +43,18 @@ def optimize(model: nn.Module, *, backend: str = "grouped", collect_stats: bool 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, adapter.convert(block, config.get_text_config(), options))
-    if not isinstance(native_linears, bool):
-        raise TypeError(f"native_linears must be a bool, got {native_linears!r}")
-    if native_linears:
+    if dense_dtype == "int8":
+        quantize_linears(model)
+    elif native_linears:
         patch_linears(model)
     return model
+
+
+def _check_dense_options(native_linears: object, dense_dtype: object) -> None:
+    if not isinstance(native_linears, bool):
+        raise TypeError(f"native_linears must be a bool, got {native_linears!r}")
+    if dense_dtype not in ("native", "int8"):
+        raise ValueError(f"dense_dtype={dense_dtype!r} is not supported; expected 'native' or 'int8'")
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
@@ -52,7 +64,7 @@ def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          backend: str = "grouped", collect_stats: bool = False, top_k: int | None = None,
-         expert_dtype: str = "native", native_linears: bool = True) -> nn.Module:
+         expert_dtype: str = "native", native_linears: bool = True, dense_dtype: str = "native") -> nn.Module:
     """Load a checkpoint directory (config.json + *.safetensors), or an embedded model by
     name (``"tiny"``), and return it optimized.
 
@@ -69,12 +81,13 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     model_type = json.loads((directory / "config.json").read_text()).get("model_type")
     adapter_for(str(model_type))  # fail before reading any weights
     OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)
+    _check_dense_options(native_linears, dense_dtype)
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=_resolve_dtype(dtype), use_safetensors=True, experts_implementation="eager"
     )
     model.to(torch.device(device)).eval()
     return optimize(model, backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype,
-                    native_linears=native_linears)
+                    native_linears=native_linears, dense_dtype=dense_dtype)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from .native import int8 as native_int8
 
 # Up to this many rows the native kernel measured faster than BLAS (see NATIVE_MAX_ROWS).
 LINEAR_MAX_ROWS = 64
@@ -32,8 +33,20 @@ def patch_linears(model: nn.Module, *, max_rows: int = LINEAR_MAX_ROWS) -> int:
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
             module.forward = types.MethodType(_make_forward(max_rows), module)
+            module._activepath_patched = True
             patched += 1
     return patched
+
+
+def unpatch_linears(model: nn.Module) -> int:
+    """Undo ``patch_linears``: the modules' class ``forward`` is used again. Returns how
+    many modules were restored."""
+    restored = 0
+    for module in model.modules():
+        if module.__dict__.pop("_activepath_patched", False):
+            del module.forward
+            restored += 1
+    return restored
 
 
 def _make_forward(max_rows: int):
@@ -45,3 +58,46 @@ def _make_forward(max_rows: int):
         return F.linear(x, self.weight, self.bias)
 
     return forward
+
+
+class Int8Linear(nn.Module):
+    """A weight-only int8 ``nn.Linear``: int8 weights per output channel (scale = max|w|/127),
+    fp32 activations, fp32 bias. Runs in the native int8 kernel; without it (no compiler,
+    ``ACTIVEPATH_NATIVE=0``) the weights are dequantized per call (correct, slow)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        q_NK, scale_N = native_int8.quantize_rows(linear.weight.detach())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("q_weight", q_NK)
+        self.register_buffer("scale", scale_N)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self._dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
+        x_MK = x.reshape(-1, self.in_features).float()
+        if x_MK.shape[0] and native_int8.available() and x_MK.device.type == "cpu" and not (
+            torch.is_grad_enabled() and x_MK.requires_grad
+        ):
+            y_MN = native_int8.linear_i8(x_MK.contiguous(), self.q_weight, self.scale, self.bias)
+        else:
+            y_MN = F.linear(x_MK, self.q_weight.float() * self.scale.unsqueeze(1), self.bias)
+        return y_MN.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """Replace every float ``nn.Linear`` of ``model`` with an ``Int8Linear``, in place
+    (the float weights are dropped unless something else, e.g. a tied embedding, holds
+    them). Returns how many were replaced."""
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+                setattr(module, name, Int8Linear(child))
+                replaced += 1
+    return replaced

@@ -23,6 +23,7 @@ from torch import nn
 
 from .._common import check_choice, check_positive_int
 from ..integrate import moe_layers, optimize
+from ..linears import Int8Linear, unpatch_linears
 from .arith import ExpertLoad, distinct_experts, expert_load, percent_of
 from .build import moe_blocks
 from .energy import EnergyMeter
@@ -31,7 +32,7 @@ from .timing import Clock, Summary, progress_bar, summarize
 
 log = logging.getLogger(__name__)
 
-GENERATE_IMPLS = ("activepath", "activepath-int8", "hf", "hf-eager", "hf-grouped_mm")
+GENERATE_IMPLS = ("activepath", "activepath-int8", "activepath-int8-all", "hf", "hf-eager", "hf-grouped_mm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,16 +228,40 @@ def _prepared(
         finally:
             tap.close()
         return
-    expert_dtype = "int8" if impl == "activepath-int8" else "native"
-    optimize(model, backend=backend, collect_stats=True, expert_dtype=expert_dtype)
+    expert_dtype = "int8" if impl.startswith("activepath-int8") else "native"
+    dense_dtype = "int8" if impl == "activepath-int8-all" else "native"
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear]  # fmt: skip
+    optimize(model, backend=backend, collect_stats=True, expert_dtype=expert_dtype, dense_dtype=dense_dtype)
     if expert_dtype == "int8":
         packed = [layer.experts.weight_bytes_per_expert for _, layer in moe_layers(model)]
         mbytes = replace(mbytes, expert_bytes_by_layer=packed)
+    if dense_dtype == "int8":
+        mbytes = replace(mbytes, static_bytes=_static_bytes_after_int8_dense(model, mbytes))
     try:
-        yield _ActivepathTap(model), f"activepath backend={backend} expert_dtype={expert_dtype} (collect_stats on)", mbytes
+        yield (_ActivepathTap(model),
+               f"activepath backend={backend} expert_dtype={expert_dtype} dense_dtype={dense_dtype} (collect_stats on)",
+               mbytes)  # fmt: skip
     finally:
+        # Undo everything optimize did, so the next impl runs the untouched model.
         for name, block in blocks:
             model.set_submodule(name, block)
+        for parent, name, child in linears:
+            setattr(parent, name, child)
+        unpatch_linears(model)
+
+
+def _static_bytes_after_int8_dense(model: nn.Module, mbytes: ModelBytes) -> int:
+    """``static_bytes`` once the dense projections are int8: each one reads its int8 values
+    plus fp32 scales and bias instead of its float weight and bias."""
+    before = after = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            n, k = module.out_features, module.in_features
+            bias = 0 if module.bias is None else 4 * n
+            before += n * k * torch.finfo(module._dtype).bits // 8 + bias
+            after += n * k + 4 * n + bias
+    return mbytes.static_bytes - before + after
 
 
 @torch.inference_mode()

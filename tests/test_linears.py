@@ -1,0 +1,83 @@
+"""Dense projections: the native-kernel patch of nn.Linear (and its undo) and the
+weight-only int8 ``Int8Linear``, against float64 references; optimize's dense options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import activepath
+from activepath import native
+from activepath.linears import Int8Linear, patch_linears, quantize_linears, unpatch_linears
+from activepath.native import int8 as native_int8
+from activepath.tolerances import INT8_WEIGHT_ONLY_LAYER_RTOL
+from families import tiny_model
+from test_families import random_ids
+
+
+def _dequantized_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    w = layer.q_weight.double() * layer.scale.double().unsqueeze(1)
+    y = x.double() @ w.T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+@pytest.mark.parametrize("shape", [(1, 33), (7, 33), (2, 3, 33), (0, 33)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("use_native", [True, False])
+def test_int8_linear_matches_its_dequantized_weights(shape, bias, use_native, monkeypatch) -> None:
+    if use_native and not native_int8.available():
+        pytest.skip("native kernels unavailable")
+    if not use_native:
+        monkeypatch.setattr(native_int8, "available", lambda: False)
+    float_layer = nn.Linear(33, 37, bias=bias)
+    layer = Int8Linear(float_layer)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        got = layer(x)
+    expected = _dequantized_reference(layer, x)
+    assert got.shape == (*shape[:-1], 37) and got.dtype == torch.float32
+    if x.numel():
+        assert (got.double() - expected).abs().max().item() <= 1e-5 * (1 + expected.abs().max().item())
+        # and the quantization itself stays within the weight-only bound of the float layer
+        with torch.no_grad():
+            exact = float_layer(x).double()
+        assert (got.double() - exact).abs().max() <= INT8_WEIGHT_ONLY_LAYER_RTOL * exact.abs().max() + 1e-6
+
+
+def test_int8_linear_rejects_wrong_width() -> None:
+    with pytest.raises(ValueError, match="expects 33"):
+        Int8Linear(nn.Linear(33, 4))(torch.randn(2, 32))
+
+
+def test_quantize_linears_replaces_float_linears_only() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 4, bias=False)))
+    assert quantize_linears(model) == 2
+    assert isinstance(model[0], Int8Linear) and isinstance(model[2][0], Int8Linear)
+    assert quantize_linears(model) == 0
+    assert model(torch.randn(3, 8)).shape == (3, 4)
+
+
+def test_patch_and_unpatch_linears() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    patched = patch_linears(model)
+    assert patched == (2 if native.available() else 0)
+    assert all(("forward" in m.__dict__) == bool(patched) for m in model)
+    assert unpatch_linears(model) == patched
+    assert all("forward" not in m.__dict__ for m in model)
+
+
+def test_optimize_dense_options() -> None:
+    model = tiny_model("qwen3_moe")
+    ids = random_ids(1, 8, seed=3)
+    with torch.no_grad():
+        expected = model(ids).logits
+    with pytest.raises(ValueError, match="dense_dtype"):
+        activepath.optimize(tiny_model("qwen3_moe"), dense_dtype="int4")
+    with pytest.raises(TypeError, match="native_linears"):
+        activepath.optimize(tiny_model("qwen3_moe"), native_linears="yes")
+    activepath.optimize(model, expert_dtype="int8", dense_dtype="int8")
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - expected).abs().mean() <= 0.05 * expected.abs().mean()

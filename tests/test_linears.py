@@ -60,7 +60,8 @@ def test_quantize_linears_replaces_float_linears_only() -> None:
 
 def test_patch_and_unpatch_linears() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
-    patched = patch_linears(model)
+    assert patch_linears(model) == 0  # below the size where the kernel pays
+    patched = patch_linears(model, min_weight_bytes=0)
     assert patched == (2 if native.available() else 0)
     assert all(("forward" in m.__dict__) == bool(patched) for m in model)
     assert unpatch_linears(model) == patched
@@ -81,3 +82,19 @@ def test_optimize_dense_options() -> None:
     with torch.no_grad():
         got = model(ids).logits
     assert (got - expected).abs().mean() <= 0.05 * expected.abs().mean()
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+def test_patched_model_logits_match_transformers() -> None:
+    from activepath.tolerances import MODEL_LOGITS_ATOL_FP32
+
+    model = tiny_model("qwen3_moe")
+    ids = random_ids(1, 9, seed=5)
+    with torch.no_grad():
+        expected = model(ids).logits
+        activepath.optimize(model)
+        assert patch_linears(model, min_weight_bytes=0) > 0  # every projection, even tiny ones
+        prefill = model(ids).logits
+        one_row = model(ids[:, :1]).logits  # decode-sized input: every linear in the kernel
+    assert (prefill - expected).abs().max() <= MODEL_LOGITS_ATOL_FP32
+    assert (one_row[0, 0] - expected[0, 0]).abs().max() <= MODEL_LOGITS_ATOL_FP32

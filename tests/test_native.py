@@ -118,7 +118,7 @@ def test_linear_patch_matches_nn_linear_and_respects_grad() -> None:
     x = torch.randn(2, 3, 33)
     with torch.no_grad():
         before = model(x)
-    patched = patch_linears(model)
+    patched = patch_linears(model, min_weight_bytes=0)
     assert patched == (2 if native.available() else 0)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)

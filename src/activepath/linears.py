@@ -21,17 +21,27 @@ from .native import int8 as native_int8
 
 # Up to this many rows the native kernel measured faster than BLAS (see NATIVE_MAX_ROWS).
 LINEAR_MAX_ROWS = 64
+# Smaller weights stay in cache between steps, where BLAS is as fast and the ~10 us of a
+# native call's checks and ctypes dispatch would be pure overhead.
+LINEAR_MIN_WEIGHT_BYTES = 1 << 20
 
 
-def patch_linears(model: nn.Module, *, max_rows: int = LINEAR_MAX_ROWS) -> int:
-    """Route every fp32 CPU ``nn.Linear`` of ``model`` through the native kernel when the
-    input has at most ``max_rows`` rows. Returns how many modules were patched (0 when the
-    native kernels are unavailable)."""
+def patch_linears(
+    model: nn.Module, *, max_rows: int = LINEAR_MAX_ROWS, min_weight_bytes: int = LINEAR_MIN_WEIGHT_BYTES
+) -> int:
+    """Route every fp32 CPU ``nn.Linear`` of ``model`` with at least ``min_weight_bytes`` of
+    weights through the native kernel when the input has at most ``max_rows`` rows. Returns
+    how many modules were patched (0 when the native kernels are unavailable)."""
     if not native.available():
         return 0
     patched = 0
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+        if (
+            type(module) is nn.Linear
+            and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu"
+            and module.weight.numel() * 4 >= min_weight_bytes
+        ):
             module.forward = types.MethodType(_make_forward(max_rows), module)
             module._activepath_patched = True
             patched += 1

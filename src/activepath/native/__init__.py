@@ -44,7 +44,10 @@ _state: dict[str, object] = {}
 
 
 def disabled_by_env() -> bool:
-    return os.environ.get("ACTIVEPATH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+    return os.environ.get("ACTIVEPATH_NATIVE", "1").lower() in _OFF
+
+
+_OFF = ("0", "false", "no", "off")
 
 
 def available() -> bool:
@@ -62,6 +65,8 @@ def _library() -> ctypes.CDLL | None:
     if disabled_by_env():
         _state["reason"] = "disabled by ACTIVEPATH_NATIVE=0"
         return None
+    if "lib" in _state:  # the hot path: no lock once loaded (or once known unavailable)
+        return _state["lib"]  # type: ignore[return-value]
     with _lock:
         if "lib" not in _state:
             _state["lib"] = _load()

@@ -140,7 +140,9 @@ def route(
     weights_TK = scores_TE.gather(1, topk_ids_TK)
     if config.normalize_topk:
         # The 1e-20 matches DeepSeek; for softmax scores the sum is never near zero anyway.
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        denominator_T1 = weights_TK.sum(dim=-1, keepdim=True)
+        denominator_T1 += 1e-20  # in place: no scalar tensor materialised (same bits)
+        weights_TK = weights_TK / denominator_T1
     if config.routed_scaling_factor != 1.0:
         weights_TK = weights_TK * config.routed_scaling_factor
     return RoutingResult(topk_ids_TK, weights_TK, logits_TE)

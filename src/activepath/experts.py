@@ -218,9 +218,10 @@ def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
     return _loop_experts(weights, x_SH, plan)
 
 
-# Above this many tokens per expert BLAS's blocked GEMM beats the native kernel on the
-# shapes we measured (benchmarks/results/native_gemm_*), so ``grouped`` hands such experts to it.
-NATIVE_MAX_ROWS = 64
+# Above this many tokens per expert BLAS's blocked GEMM catches up with the native kernel on
+# the shapes we measured (benchmarks/results/native_gemm_*: native 1.2-1.3x faster at 128
+# rows, gate/up 0.8-0.9x at 256-512), so ``grouped`` hands such experts to it.
+NATIVE_MAX_ROWS = 128
 
 
 def native_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import native
+
 from .dispatch import DispatchPlan
 
 
@@ -21,6 +23,11 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
     depend on thread scheduling nor on which tokens share the batch.
     """
     acc = torch.promote_types(out_sorted_SH.dtype, torch.float32)
+    if _native_applies(out_sorted_SH, topk_weights_TK):
+        # Same products, same order, same bits as below, in one call.
+        return native.combine(
+            out_sorted_SH.contiguous(), topk_weights_TK.contiguous(), plan.order_S, plan.token_idx_S, plan.num_tokens
+        )
     w_sorted_S1 = topk_weights_TK.reshape(-1).index_select(0, plan.order_S).to(acc).unsqueeze(1)
     if out_sorted_SH.dtype == acc and not torch.is_grad_enabled():
         weighted_SH = out_sorted_SH.mul_(w_sorted_S1)
@@ -28,3 +35,14 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
         weighted_SH = out_sorted_SH.to(acc) * w_sorted_S1
     y_TH = torch.zeros(plan.num_tokens, out_sorted_SH.shape[1], dtype=acc, device=out_sorted_SH.device)
     return y_TH.index_add_(0, plan.token_idx_S, weighted_SH).to(out_sorted_SH.dtype)
+
+
+def _native_applies(out_sorted_SH: torch.Tensor, topk_weights_TK: torch.Tensor) -> bool:
+    return (
+        out_sorted_SH.dtype == torch.float32
+        and topk_weights_TK.dtype == torch.float32
+        and out_sorted_SH.device.type == "cpu"
+        and out_sorted_SH.dim() == 2
+        and not torch.is_grad_enabled()
+        and native.available()
+    )

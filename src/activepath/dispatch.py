@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
+
 
 @dataclass(frozen=True)
 class DispatchPlan:
@@ -50,6 +52,8 @@ def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Te
         raise ValueError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids_TK.shape)}")
     num_tokens, top_k = topk_ids_TK.shape
     ids_S = topk_ids_TK.reshape(-1)
+    if kept_TK is None and ids_S.dtype == torch.int64 and ids_S.device.type == "cpu" and native.available():
+        return _native_plan(ids_S, num_experts, num_tokens, top_k)
     bins = num_experts
     if kept_TK is not None:
         _check_in_range(ids_S, num_experts)
@@ -67,6 +71,22 @@ def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Te
         counts_E=counts_E,
         counts=counts,
         offsets=offsets,
+        num_tokens=num_tokens,
+        top_k=top_k,
+    )
+
+
+def _native_plan(ids_S: torch.Tensor, num_experts: int, num_tokens: int, top_k: int) -> DispatchPlan:
+    # One counting sort in native code: the same stable order as torch.sort(stable=True).
+    order_S, token_idx_S, expert_ids_S, counts_E = native.plan_dispatch(ids_S, top_k, num_experts)
+    counts = tuple(counts_E.tolist())
+    return DispatchPlan(
+        order_S=order_S,
+        token_idx_S=token_idx_S,
+        expert_ids_S=expert_ids_S,
+        counts_E=counts_E,
+        counts=counts,
+        offsets=(0, *itertools.accumulate(counts)),
         num_tokens=num_tokens,
         top_k=top_k,
     )

@@ -132,6 +132,11 @@ def route(
         weights_TK = torch.softmax(top_logits_TK, dim=-1)
         return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
 
+    if _native_softmax_topk_applies(config, logits_TE, correction_bias_E):
+        topk_ids_TK, weights_TK = native.softmax_topk(
+            logits_TE, config.top_k, normalize=config.normalize_topk, scale=config.routed_scaling_factor
+        )
+        return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
     scores_TE = _scores(config, logits_TE)
     choice_TE = scores_TE if correction_bias_E is None else scores_TE + correction_bias_E.to(scores_TE.dtype)
     if config.n_group > 1:
@@ -146,6 +151,24 @@ def route(
     if config.routed_scaling_factor != 1.0:
         weights_TK = weights_TK * config.routed_scaling_factor
     return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
+
+
+def _native_softmax_topk_applies(
+    config: RouterConfig, logits_TE: torch.Tensor, correction_bias_E: torch.Tensor | None
+) -> bool:
+    """Plain softmax-then-top-k routing of fp32 CPU logits without autograd: one native
+    call instead of five small ops (which cost 2-4x more right after the experts have
+    streamed their weights through the caches)."""
+    return (
+        config.scoring == "softmax"
+        and config.order == "score_then_topk"
+        and config.n_group == 1
+        and correction_bias_E is None
+        and logits_TE.dtype == torch.float32
+        and logits_TE.device.type == "cpu"
+        and not logits_TE.requires_grad
+        and native.available()
+    )
 
 
 def router_logits_batch_invariant(config: RouterConfig, x_TH: torch.Tensor, weight_EH: torch.Tensor) -> bool:

@@ -124,6 +124,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.ap_grouped_nk_gemm
     fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
+    glue = {
+        "ap_softmax_topk": [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr],
+        "ap_plan_dispatch": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr],
+        "ap_combine": [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int],
+    }
+    for name, argtypes in glue.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_int
 
 
 def supports(x_MK: torch.Tensor, w: torch.Tensor) -> bool:
@@ -207,3 +215,68 @@ def _check(x_MK: torch.Tensor, w_ENK: torch.Tensor, out_MN: torch.Tensor, bias_E
         raise ValueError(f"shapes do not chain: x {tuple(x_MK.shape)}, w {tuple(w_ENK.shape)}, out {tuple(out_MN.shape)}")
     if bias_EN is not None and tuple(bias_EN.shape) != (num_experts, n):
         raise ValueError(f"bias must be [{num_experts}, {n}], got {tuple(bias_EN.shape)}")
+
+
+# -- routing, dispatch and combine glue (native/moe_glue.cpp) ----------------------------
+
+
+def _call(name: str, *args: object) -> None:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
+    rc = getattr(lib, name)(*args)
+    if rc != 0:
+        raise ValueError(f"{name} rejected its arguments (code {rc})")
+
+
+def softmax_topk(logits_TE: torch.Tensor, k: int, *, normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax routing of fp32 logits: (ids [T, K] by descending probability, ties to the
+    lower id; weights [T, K] fp32: the chosen probabilities, renormalised over the K when
+    ``normalize``, times ``scale``)."""
+    if logits_TE.dtype != torch.float32 or logits_TE.dim() != 2 or logits_TE.device.type != "cpu":
+        raise TypeError(f"logits must be a 2-D float32 CPU tensor, got {logits_TE.dtype} {tuple(logits_TE.shape)}")
+    num_tokens, num_experts = logits_TE.shape
+    if not 0 < k <= num_experts:
+        raise ValueError(f"k must be in [1, {num_experts}], got {k}")
+    logits_TE = logits_TE.contiguous()
+    ids_TK = torch.empty(num_tokens, k, dtype=torch.int64)
+    weights_TK = torch.empty(num_tokens, k, dtype=torch.float32)
+    _call("ap_softmax_topk", logits_TE.data_ptr(), num_tokens, num_experts, k, int(normalize), scale,
+          ids_TK.data_ptr(), weights_TK.data_ptr())  # fmt: skip
+    return ids_TK, weights_TK
+
+
+def plan_dispatch(ids_S: torch.Tensor, top_k: int, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """Stable counting sort of slot ids (int64, [S], each in [0, E)) by expert: (order_S,
+    token_idx_S, sorted_ids_S, counts_E). Out-of-range ids raise ValueError."""
+    if ids_S.dtype != torch.int64 or ids_S.dim() != 1 or ids_S.device.type != "cpu":
+        raise TypeError(f"ids must be a 1-D int64 CPU tensor, got {ids_S.dtype} {tuple(ids_S.shape)}")
+    ids_S = ids_S.contiguous()
+    num_slots = ids_S.shape[0]
+    out = torch.empty(3, num_slots, dtype=torch.int64)
+    counts_E = torch.empty(num_experts, dtype=torch.int64)
+    try:
+        _call("ap_plan_dispatch", ids_S.data_ptr(), num_slots, top_k, num_experts, out[0].data_ptr(),
+              out[1].data_ptr(), out[2].data_ptr(), counts_E.data_ptr())  # fmt: skip
+    except ValueError:
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids_S.min().item()}..{ids_S.max().item()}") from None
+    return out[0], out[1], out[2], counts_E
+
+
+def combine(
+    out_SH: torch.Tensor, weights_TK: torch.Tensor, order_S: torch.Tensor, token_idx_S: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """``y[t] = sum over sorted slots j of token t, in order, of out[j] * w[order[j]]``, fp32,
+    each product rounded before its add (no FMA)."""
+    tensors = (out_SH, weights_TK, order_S, token_idx_S)
+    dtypes = (torch.float32, torch.float32, torch.int64, torch.int64)
+    if any(t.dtype != d or t.device.type != "cpu" or not t.is_contiguous() for t, d in zip(tensors, dtypes)):
+        raise TypeError("combine needs contiguous CPU tensors: out/weights float32, order/token_idx int64")
+    num_slots, hidden = out_SH.shape
+    if order_S.shape != (num_slots,) or token_idx_S.shape != (num_slots,):
+        raise ValueError(f"order and token_idx must be [{num_slots}], got {tuple(order_S.shape)}, {tuple(token_idx_S.shape)}")
+    y_TH = torch.empty(num_tokens, hidden, dtype=torch.float32)
+    threads = torch.get_num_threads() if 4 * out_SH.numel() >= PARALLEL_MIN_BYTES else 1
+    _call("ap_combine", out_SH.data_ptr(), num_slots, hidden, weights_TK.data_ptr(), order_S.data_ptr(),
+          weights_TK.numel(), token_idx_S.data_ptr(), num_tokens, y_TH.data_ptr(), threads)  # fmt: skip
+    return y_TH

@@ -137,3 +137,53 @@ def test_disabled_by_environment_falls_back() -> None:
     env = {"ACTIVEPATH_NATIVE": "0", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@needs_native
+@pytest.mark.parametrize(("tokens", "experts", "k"), [(1, 128, 8), (13, 16, 2), (97, 64, 6), (0, 8, 2), (5, 3, 3)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_softmax_topk_matches_torch(tokens: int, experts: int, k: int, normalize: bool) -> None:
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(tokens + experts))
+    ids, weights = native.softmax_topk(logits, k, normalize=normalize, scale=2.5)
+    probs = torch.softmax(logits.double(), dim=-1)
+    want_w, want_ids = probs.topk(k, dim=-1)
+    if normalize:
+        want_w = want_w / want_w.sum(-1, keepdim=True)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights.double(), 2.5 * want_w, rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+def test_softmax_topk_breaks_ties_to_the_lower_id() -> None:
+    ids, _ = native.softmax_topk(torch.tensor([[0.0, 1.0, 1.0, 0.5, 1.0]]), 2, normalize=True, scale=1.0)
+    assert ids.tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="k must be"):
+        native.softmax_topk(torch.zeros(1, 4), 5, normalize=True, scale=1.0)
+    with pytest.raises(TypeError, match="float32"):
+        native.softmax_topk(torch.zeros(1, 4, dtype=torch.float64), 2, normalize=True, scale=1.0)
+
+
+@needs_native
+@pytest.mark.parametrize(("tokens", "k", "experts"), [(1, 8, 128), (29, 1, 4), (97, 2, 8), (0, 2, 8)])
+def test_plan_and_combine_match_torch_bitwise(tokens: int, k: int, experts: int) -> None:
+    gen = torch.Generator().manual_seed(tokens)
+    ids_S = torch.randint(0, experts, (tokens * k,), generator=gen)
+    order, token_idx, sorted_ids, counts = native.plan_dispatch(ids_S, k, experts)
+    want_ids, want_order = torch.sort(ids_S, stable=True)
+    assert torch.equal(order, want_order) and torch.equal(sorted_ids, want_ids)
+    assert torch.equal(token_idx, want_order // k)
+    assert torch.equal(counts, torch.bincount(ids_S, minlength=experts))
+    out_SH = torch.randn(tokens * k, 33, generator=gen)
+    weights_TK = torch.rand(tokens, k, generator=gen)
+    got = native.combine(out_SH, weights_TK, order, token_idx, tokens)
+    scaled = out_SH * weights_TK.reshape(-1)[order].unsqueeze(1)
+    want = torch.zeros(tokens, 33).index_add_(0, token_idx, scaled)
+    assert torch.equal(got, want)
+
+
+@needs_native
+def test_plan_rejects_out_of_range_ids() -> None:
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        native.plan_dispatch(torch.tensor([0, 4]), 1, 4)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        native.plan_dispatch(torch.tensor([-1, 2]), 1, 4)

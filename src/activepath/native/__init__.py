@@ -253,14 +253,16 @@ def plan_dispatch(ids_S: torch.Tensor, top_k: int, num_experts: int) -> tuple[to
         raise TypeError(f"ids must be a 1-D int64 CPU tensor, got {ids_S.dtype} {tuple(ids_S.shape)}")
     ids_S = ids_S.contiguous()
     num_slots = ids_S.shape[0]
-    out = torch.empty(3, num_slots, dtype=torch.int64)
-    counts_E = torch.empty(num_experts, dtype=torch.int64)
+    # One allocation for all four outputs (pointer offsets, not tensor indexing: this runs
+    # once per layer per step, where every small op counts).
+    out = torch.empty(3 * num_slots + num_experts, dtype=torch.int64)
+    base = out.data_ptr()
     try:
-        _call("ap_plan_dispatch", ids_S.data_ptr(), num_slots, top_k, num_experts, out[0].data_ptr(),
-              out[1].data_ptr(), out[2].data_ptr(), counts_E.data_ptr())  # fmt: skip
+        _call("ap_plan_dispatch", ids_S.data_ptr(), num_slots, top_k, num_experts, base, base + 8 * num_slots,
+              base + 16 * num_slots, base + 24 * num_slots)  # fmt: skip
     except ValueError:
         raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids_S.min().item()}..{ids_S.max().item()}") from None
-    return out[0], out[1], out[2], counts_E
+    return out.split((num_slots, num_slots, num_slots, num_experts))
 
 
 def combine(

@@ -102,3 +102,14 @@ def test_layer_subcommand_as_user_runs_it(tmp_path):
 def test_generate_rejects_bad_options(tmp_path):
     with pytest.raises(ValueError, match="impl"):
         main(["bench", "generate", *FAST, "--no-roofline", "--impl", "vllm", "--out", str(tmp_path / "g")])
+
+
+def test_notes_flag_bandwidth_drift_between_start_and_end() -> None:
+    from activepath.bench.cli import notes
+
+    def doc(end: float) -> dict:
+        return {"environment": {"llc_bytes": 1 << 25, "bandwidth_GBps_at_end": end},
+                "roofline": {"bandwidth_GBps": 30.0, "copy_exceeds_llc": True}}  # fmt: skip
+
+    assert any("drifted" in n and "30.0" in n and "40.0" in n for n in notes(doc(40.0)))
+    assert not any("drifted" in n for n in notes(doc(31.0)))

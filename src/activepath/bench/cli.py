@@ -99,6 +99,7 @@ def _run(args: argparse.Namespace, kind: str, parser: argparse.ArgumentParser) -
     gc.collect()
     generate = _generate(args, dtype, roofline) if kind in ("generate", "all") else None
     env["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    env["bandwidth_GBps_at_end"] = _bandwidth_at_end(args) if roofline is not None else None
     doc = bench_document(kind=kind, command=canonical_command(args, parser, kind), environment=env,
                          roofline=roofline, layer=layer, generate=generate)
     doc["notes"] = notes(doc)
@@ -120,6 +121,14 @@ def _roofline(args: argparse.Namespace, dtype: torch.dtype, env: dict[str, Any])
         return None
     config = RooflineConfig(copy_bytes=args.copy_mib << 20, gemm_n=args.gemm_n, repeats=args.roofline_repeats)
     return measure_roofline(config, dtype, args.device, env["llc_bytes"])  # type: ignore[arg-type]
+
+
+def _bandwidth_at_end(args: argparse.Namespace) -> float:
+    from .roofline import RooflineConfig, measure_bandwidth
+
+    gc.collect()
+    config = RooflineConfig(copy_bytes=args.copy_mib << 20, gemm_n=args.gemm_n, repeats=args.roofline_repeats)
+    return measure_bandwidth(config, args.device)
 
 
 def _layer(args: argparse.Namespace, dtype: torch.dtype, env: dict[str, Any], roofline: Any) -> object:
@@ -202,6 +211,10 @@ def canonical_command(args: argparse.Namespace, parser: argparse.ArgumentParser,
     return shlex.join(words)
 
 
+# Re-measured bandwidth further than this from the start value gets a note.
+_BANDWIDTH_DRIFT = 0.10
+
+
 def notes(doc: dict[str, Any]) -> list[str]:
     """Plain-language caveats a reader must see next to the figures."""
     out: list[str] = []
@@ -219,6 +232,10 @@ def notes(doc: dict[str, Any]) -> list[str]:
         out.append("roofline not measured: S-MBU, S-MFU and % of roofline are n/m")
     elif doc["roofline"].get("copy_exceeds_llc") is False:
         out.append("roofline copy fits in the last-level cache: bandwidth is cache bandwidth; raise --copy-mib")
+    start, end = (doc.get("roofline") or {}).get("bandwidth_GBps"), env.get("bandwidth_GBps_at_end")
+    if start and end and abs(end - start) > _BANDWIDTH_DRIFT * start:
+        out.append(f"memory bandwidth drifted during the run: {start:.1f} GB/s at the start, {end:.1f} GB/s at the end "
+                   "(shared host?); the % of roofline figures use the start value")
     out += _layer_notes(doc.get("layer")) + _generate_notes(doc.get("generate"))
     return out
 

@@ -59,7 +59,7 @@ def write_reports(doc: dict[str, Any], prefix: Path) -> list[Path]:
 def render_markdown(doc: dict[str, Any]) -> str:
     lines = [f"# activepath bench {doc['kind']}", "", "Produced by:", "", "```", doc["command"], "```", ""]
     lines += _environment_md(doc["environment"])
-    lines += _roofline_md(doc.get("roofline"))
+    lines += _roofline_md(doc.get("roofline"), doc["environment"].get("bandwidth_GBps_at_end"))
     if doc.get("layer"):
         lines += _layer_md(doc["layer"])
     if doc.get("generate"):
@@ -83,13 +83,14 @@ def _environment_md(env: dict[str, Any]) -> list[str]:
     ]
 
 
-def _roofline_md(r: dict[str, Any] | None) -> list[str]:
+def _roofline_md(r: dict[str, Any] | None, end_GBps: float | None = None) -> list[str]:
     if not r:
         return ["## Roofline", "", "Not measured (--no-roofline): S-MBU, S-MFU and % of roofline are absent.", ""]
     warn = "" if r.get("copy_exceeds_llc") is not False else " **(copy fits in the LLC: cache, not memory, bandwidth)**"
+    again = "" if end_GBps is None else f" (re-measured at the end of the run: {end_GBps:.1f} GB/s)"
     return [
         "## Roofline (measured in this run)", "",
-        f"- memory bandwidth: **{r['bandwidth_GBps']:.1f} GB/s**{warn}",
+        f"- memory bandwidth: **{r['bandwidth_GBps']:.1f} GB/s**{warn}{again}",
         f"- GEMM peak ({r['dtype']}): **{r['gemm_GFLOPs']:.1f} GFLOP/s**",
         f"- method: {r['method']}", "",
     ]

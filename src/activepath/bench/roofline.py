@@ -70,6 +70,11 @@ def measure_roofline(
     )
 
 
+def measure_bandwidth(config: RooflineConfig, device: torch.device | str) -> float:
+    """Only the copy bandwidth, GB/s (to re-check it at the end of a run: on shared hosts it drifts)."""
+    return _copy_bandwidth(config, device, Clock(device))
+
+
 def _copy_bandwidth(config: RooflineConfig, device: torch.device | str, clock: Clock) -> float:
     src = torch.ones(config.copy_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)  # touched now, so page faults stay out of the timing

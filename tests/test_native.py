@@ -187,3 +187,22 @@ def test_plan_rejects_out_of_range_ids() -> None:
         native.plan_dispatch(torch.tensor([0, 4]), 1, 4)
     with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
         native.plan_dispatch(torch.tensor([-1, 2]), 1, 4)
+
+
+def test_failed_build_falls_back_with_a_warning(tmp_path) -> None:
+    # A compiler that always fails: the kernels report unavailable, the reason names the
+    # failure, and a layer still computes (PyTorch path).
+    code = (
+        "import warnings, torch; from activepath import native, Router, RouterConfig, ExpertWeights, ActivationConfig, SparseMoE\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert not native.available()\n"
+        "assert any('native kernels unavailable' in str(w.message) for w in caught), caught\n"
+        "layer = SparseMoE(Router(RouterConfig(num_experts=4, top_k=2), torch.randn(4, 8)),\n"
+        "                  ExpertWeights(torch.randn(4, 12, 8), torch.randn(4, 8, 6), ActivationConfig()))\n"
+        "with torch.no_grad(): assert layer(torch.randn(3, 8)).shape == (3, 8)\n"
+        "print('ok')\n"
+    )
+    env = {"CXX": "/bin/false", "ACTIVEPATH_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

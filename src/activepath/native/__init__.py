@@ -100,7 +100,7 @@ def _load() -> ctypes.CDLL | None:
         if not target.exists():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as err:
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
         _state["reason"] = f"native kernels unavailable: {err}"
         warnings.warn(f"activepath: {_state['reason']}; using PyTorch kernels", RuntimeWarning, stacklevel=3)
         return None

@@ -206,3 +206,18 @@ def test_failed_build_falls_back_with_a_warning(tmp_path) -> None:
     env = {"CXX": "/bin/false", "ACTIVEPATH_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@needs_native
+@pytest.mark.parametrize("tokens", [1, 13, 97])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_router_equals_gemm_then_softmax_topk(tokens: int, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(tokens)
+    x, w = torch.randn(tokens, 300, generator=gen), torch.randn(64, 300, generator=gen)
+    bias = torch.randn(64, generator=gen) if with_bias else None
+    ids, weights, logits = native.route_softmax_topk(x, w, bias, 6, normalize=True, scale=1.5)
+    assert torch.equal(logits, native.linear(x, w, bias))  # same kernel, same bits
+    want_ids, want_w = native.softmax_topk(logits, 6, normalize=True, scale=1.5)
+    assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+    with pytest.raises(ValueError, match="do not chain"):
+        native.route_softmax_topk(x, w[:, :299].contiguous(), None, 6, normalize=True, scale=1.0)

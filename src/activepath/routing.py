@@ -126,6 +126,11 @@ def route(
     Ties are broken by ``torch.topk`` on the same fp32 scores the reference models use,
     so choices are a pure function of each token's own row (deterministic, batch-invariant).
     """
+    if _fused_native_router_applies(config, x_TH, weight_EH, bias_E, correction_bias_E):
+        topk_ids_TK, weights_TK, logits_TE = native.route_softmax_topk(
+            x_TH, weight_EH, bias_E, config.top_k, normalize=config.normalize_topk, scale=config.routed_scaling_factor
+        )
+        return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
     logits_TE = _router_logits(config, x_TH, weight_EH, bias_E)
     if config.order == "topk_then_softmax":
         top_logits_TK, topk_ids_TK = torch.topk(logits_TE.to(_score_dtype(logits_TE)), config.top_k, dim=-1)
@@ -151,6 +156,32 @@ def route(
     if config.routed_scaling_factor != 1.0:
         weights_TK = weights_TK * config.routed_scaling_factor
     return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
+
+
+def _fused_native_router_applies(
+    config: RouterConfig,
+    x_TH: torch.Tensor,
+    weight_EH: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    correction_bias_E: torch.Tensor | None,
+) -> bool:
+    """fp32 softmax routing on CPU without autograd: logits and top-k in one native call."""
+    return (
+        config.scoring == "softmax"
+        and config.order == "score_then_topk"
+        and config.n_group == 1
+        and correction_bias_E is None
+        and x_TH.dtype == torch.float32
+        and weight_EH.dtype == torch.float32
+        and (bias_E is None or bias_E.dtype == torch.float32)
+        and x_TH.shape[0] > 0
+        and x_TH.device.type == "cpu"
+        and weight_EH.device.type == "cpu"
+        and x_TH.is_contiguous()
+        and weight_EH.is_contiguous()
+        and not (torch.is_grad_enabled() and (x_TH.requires_grad or weight_EH.requires_grad))
+        and native.available()
+    )
 
 
 def _native_softmax_topk_applies(

@@ -126,6 +126,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
     glue = {
         "ap_softmax_topk": [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr],
+        "ap_route_softmax_topk": [ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr, ptr,
+                                  i64, i64, ctypes.c_int],
         "ap_plan_dispatch": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr],
         "ap_combine": [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int],
     }
@@ -244,6 +246,31 @@ def softmax_topk(logits_TE: torch.Tensor, k: int, *, normalize: bool, scale: flo
     _call("ap_softmax_topk", logits_TE.data_ptr(), num_tokens, num_experts, k, int(normalize), scale,
           ids_TK.data_ptr(), weights_TK.data_ptr())  # fmt: skip
     return ids_TK, weights_TK
+
+
+def route_softmax_topk(
+    x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Tensor | None, k: int, *, normalize: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The softmax router in one call: logits = x @ weight.T (+ bias) by the native GEMM,
+    then ``softmax_topk``. All fp32 CPU, ``x`` and ``weight`` with contiguous rows.
+    Returns (ids [T, K], weights [T, K], logits [T, E])."""
+    for name, t in (("x", x_TH), ("weight", weight_EH), ("bias", bias_E)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+            raise TypeError(f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device}")
+    num_tokens, hidden = x_TH.shape
+    num_experts = weight_EH.shape[0]
+    if weight_EH.shape != (num_experts, hidden) or (bias_E is not None and bias_E.shape != (num_experts,)):
+        raise ValueError(f"router shapes do not chain: x {tuple(x_TH.shape)}, weight {tuple(weight_EH.shape)}")
+    if not 0 < k <= num_experts:
+        raise ValueError(f"k must be in [1, {num_experts}], got {k}")
+    logits_TE = torch.empty(num_tokens, num_experts, dtype=torch.float32)
+    weights_TK = torch.empty(num_tokens, k, dtype=torch.float32)
+    ids_TK = torch.empty(num_tokens, k, dtype=torch.int64)
+    threads = torch.get_num_threads() if 4 * weight_EH.numel() >= PARALLEL_MIN_BYTES else 1
+    _call("ap_route_softmax_topk", x_TH.data_ptr(), num_tokens, hidden, weight_EH.data_ptr(),
+          None if bias_E is None else bias_E.data_ptr(), num_experts, k, int(normalize), scale,
+          logits_TE.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(), N_BLOCK, M_BLOCK, threads)  # fmt: skip
+    return ids_TK, weights_TK, logits_TE
 
 
 def plan_dispatch(ids_S: torch.Tensor, top_k: int, num_experts: int) -> tuple[torch.Tensor, ...]:

@@ -32,6 +32,24 @@ void select_topk(const float* row, int64_t E, int64_t K, int64_t* ids) {
 
 extern "C" {
 
+int ap_grouped_nk_gemm(const float* x, int64_t ldx, const float* w, int64_t w_estride, int64_t ldw,
+                       const float* b, int64_t b_estride, float* y, int64_t ldy, int64_t N, int64_t K,
+                       const int64_t* segments, int64_t G, int64_t n_block, int64_t m_block, int num_threads);
+int ap_softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, int normalize, float scale,
+                    int64_t* ids, float* weights);
+
+// The whole softmax router in one call: logits [T, E] = x [T, H] @ w [E, H].T (+ bias), by
+// the small-batch GEMM, then ap_softmax_topk. One call instead of two saves its share of
+// Python and dispatch overhead, which at decode runs on caches the experts just flushed.
+int ap_route_softmax_topk(const float* x, int64_t T, int64_t H, const float* w, const float* bias, int64_t E,
+                          int64_t K, int normalize, float scale, float* logits, int64_t* ids, float* weights,
+                          int64_t n_block, int64_t m_block, int num_threads) {
+    const int64_t segment[3] = {0, 0, T};
+    const int rc = ap_grouped_nk_gemm(x, H, w, 0, H, bias, 0, logits, E, E, H, segment, 1, n_block, m_block,
+                                      num_threads);
+    return rc != 0 ? rc : ap_softmax_topk(logits, T, E, K, normalize, scale, ids, weights);
+}
+
 // Softmax routing: logits [T, E] → ids [T, K] (descending probability) and weights [T, K]:
 // the softmax probabilities of the chosen experts (over all E), renormalised over the K when
 // `normalize` (p / (sum + 1e-20)), then times `scale`. Probabilities in double, rounded once.

@@ -168,7 +168,9 @@ def test_softmax_topk_breaks_ties_to_the_lower_id() -> None:
 def test_plan_and_combine_match_torch_bitwise(tokens: int, k: int, experts: int) -> None:
     gen = torch.Generator().manual_seed(tokens)
     ids_S = torch.randint(0, experts, (tokens * k,), generator=gen)
-    order, token_idx, sorted_ids, counts = native.plan_dispatch(ids_S, k, experts)
+    order, token_idx, sorted_ids, counts_offsets = native.plan_dispatch(ids_S, k, experts)
+    counts, offsets = counts_offsets[:experts], counts_offsets[experts:]
+    assert offsets.tolist() == [0, *torch.cumsum(counts, 0).tolist()]
     want_ids, want_order = torch.sort(ids_S, stable=True)
     assert torch.equal(order, want_order) and torch.equal(sorted_ids, want_ids)
     assert torch.equal(token_idx, want_order // k)

@@ -78,15 +78,15 @@ def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Te
 
 def _native_plan(ids_S: torch.Tensor, num_experts: int, num_tokens: int, top_k: int) -> DispatchPlan:
     # One counting sort in native code: the same stable order as torch.sort(stable=True).
-    order_S, token_idx_S, expert_ids_S, counts_E = native.plan_dispatch(ids_S, top_k, num_experts)
-    counts = tuple(counts_E.tolist())
+    order_S, token_idx_S, expert_ids_S, counts_offsets = native.plan_dispatch(ids_S, top_k, num_experts)
+    host = counts_offsets.tolist()  # counts then offsets: one host copy for both
     return DispatchPlan(
         order_S=order_S,
         token_idx_S=token_idx_S,
         expert_ids_S=expert_ids_S,
-        counts_E=counts_E,
-        counts=counts,
-        offsets=(0, *itertools.accumulate(counts)),
+        counts_E=counts_offsets[:num_experts],
+        counts=tuple(host[:num_experts]),
+        offsets=tuple(host[num_experts:]),
         num_tokens=num_tokens,
         top_k=top_k,
     )

@@ -275,21 +275,23 @@ def route_softmax_topk(
 
 def plan_dispatch(ids_S: torch.Tensor, top_k: int, num_experts: int) -> tuple[torch.Tensor, ...]:
     """Stable counting sort of slot ids (int64, [S], each in [0, E)) by expert: (order_S,
-    token_idx_S, sorted_ids_S, counts_E). Out-of-range ids raise ValueError."""
+    token_idx_S, sorted_ids_S, counts_and_offsets) where the last is counts [E] followed by
+    offsets [E + 1] (one tensor, so the caller copies both to the host at once).
+    Out-of-range ids raise ValueError."""
     if ids_S.dtype != torch.int64 or ids_S.dim() != 1 or ids_S.device.type != "cpu":
         raise TypeError(f"ids must be a 1-D int64 CPU tensor, got {ids_S.dtype} {tuple(ids_S.shape)}")
     ids_S = ids_S.contiguous()
     num_slots = ids_S.shape[0]
     # One allocation for all four outputs (pointer offsets, not tensor indexing: this runs
     # once per layer per step, where every small op counts).
-    out = torch.empty(3 * num_slots + num_experts, dtype=torch.int64)
+    out = torch.empty(3 * num_slots + 2 * num_experts + 1, dtype=torch.int64)
     base = out.data_ptr()
     try:
         _call("ap_plan_dispatch", ids_S.data_ptr(), num_slots, top_k, num_experts, base, base + 8 * num_slots,
               base + 16 * num_slots, base + 24 * num_slots)  # fmt: skip
     except ValueError:
         raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids_S.min().item()}..{ids_S.max().item()}") from None
-    return out.split((num_slots, num_slots, num_slots, num_experts))
+    return out.split((num_slots, num_slots, num_slots, 2 * num_experts + 1))
 
 
 def combine(

@@ -98,3 +98,19 @@ def test_patched_model_logits_match_transformers() -> None:
         one_row = model(ids[:, :1]).logits  # decode-sized input: every linear in the kernel
     assert (prefill - expected).abs().max() <= MODEL_LOGITS_ATOL_FP32
     assert (one_row[0, 0] - expected[0, 0]).abs().max() <= MODEL_LOGITS_ATOL_FP32
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+def test_patched_bf16_linear_close_to_blas_and_blas_above_the_row_limit() -> None:
+    from activepath.linears import LINEAR_MAX_ROWS_BF16
+
+    layer = nn.Linear(300, 700).bfloat16()
+    x = torch.randn(3, 300).bfloat16()
+    with torch.no_grad():
+        expected = nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert patch_linears(layer, min_weight_bytes=0) == 1
+        got = layer(x)
+        many = torch.randn(LINEAR_MAX_ROWS_BF16 + 1, 300).bfloat16()
+        torch.testing.assert_close(layer(many), nn.functional.linear(many, layer.weight, layer.bias))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)

@@ -31,9 +31,12 @@ def _reference(x_MK, w_ENK, segments, bias_EN, n_rows):
 @pytest.mark.parametrize("k", [1, 7, 16, 33, 100, 2048])
 @pytest.mark.parametrize("n", [1, 3, 37, 130])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_grouped_gemm_matches_float64(k: int, n: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_matches_float64(k: int, n: int, with_bias: bool, weight_dtype: torch.dtype) -> None:
+    # bf16 weights are widened exactly, so the float64 reference of the same bf16 values
+    # holds the kernel to the fp32 bound.
     gen = torch.Generator().manual_seed(k * 1000 + n)
-    w_ENK = torch.randn(5, n, k, generator=gen)
+    w_ENK = torch.randn(5, n, k, generator=gen).to(weight_dtype)
     bias_EN = torch.randn(5, n, generator=gen) if with_bias else None
     # Row counts 1, 0 (an expert with no rows), 2, 13, 97 (prime), experts 1 and 3 skipped.
     bounds = [0, 1, 1, 3, 16, 113]
@@ -57,8 +60,9 @@ def test_rows_outside_segments_are_untouched_and_strided_inputs_work() -> None:
 
 
 @needs_native
-def test_batch_invariant_bitwise() -> None:
-    w_ENK = torch.randn(3, 70, 2050)
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_bitwise(weight_dtype: torch.dtype) -> None:
+    w_ENK = torch.randn(3, 70, 2050).to(weight_dtype)
     x_MK = torch.randn(41, 2050)
     full = torch.empty(41, 70)
     native.grouped_nk_gemm(x_MK, w_ENK, [(2, 0, 41)], full)

@@ -19,8 +19,10 @@ from torch import nn
 from . import native
 from .native import int8 as native_int8
 
-# Up to this many rows the native kernel measured faster than BLAS (see NATIVE_MAX_ROWS).
+# Up to this many rows the native kernel measured faster than BLAS (see NATIVE_MAX_ROWS
+# and NATIVE_MAX_ROWS_BF16 in experts.py).
 LINEAR_MAX_ROWS = 64
+LINEAR_MAX_ROWS_BF16 = 12
 # Smaller weights stay in cache between steps, where BLAS is as fast and the ~10 us of a
 # native call's checks and ctypes dispatch would be pure overhead.
 LINEAR_MIN_WEIGHT_BYTES = 1 << 20
@@ -29,20 +31,23 @@ LINEAR_MIN_WEIGHT_BYTES = 1 << 20
 def patch_linears(
     model: nn.Module, *, max_rows: int = LINEAR_MAX_ROWS, min_weight_bytes: int = LINEAR_MIN_WEIGHT_BYTES
 ) -> int:
-    """Route every fp32 CPU ``nn.Linear`` of ``model`` with at least ``min_weight_bytes`` of
-    weights through the native kernel when the input has at most ``max_rows`` rows. Returns
-    how many modules were patched (0 when the native kernels are unavailable)."""
+    """Route every fp32 or bf16 CPU ``nn.Linear`` of ``model`` with at least
+    ``min_weight_bytes`` of weights through the native kernel when the input has at most
+    ``max_rows`` rows (``LINEAR_MAX_ROWS_BF16`` for bf16, where BLAS catches up sooner).
+    Returns how many modules were patched (0 when the native kernels are unavailable)."""
     if not native.available():
         return 0
     patched = 0
     for module in model.modules():
+        weight = getattr(module, "weight", None)
         if (
             type(module) is nn.Linear
-            and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu"
-            and module.weight.numel() * 4 >= min_weight_bytes
+            and weight.dtype in native.WEIGHT_DTYPES
+            and weight.device.type == "cpu"
+            and weight.numel() * weight.element_size() >= min_weight_bytes
         ):
-            module.forward = types.MethodType(_make_forward(max_rows), module)
+            rows = max_rows if weight.dtype == torch.float32 else min(max_rows, LINEAR_MAX_ROWS_BF16)
+            module.forward = types.MethodType(_make_forward(rows), module)
             module._activepath_patched = True
             patched += 1
     return patched
@@ -62,8 +67,14 @@ def unpatch_linears(model: nn.Module) -> int:
 def _make_forward(max_rows: int):
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         x_MK = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-        if 0 < x_MK.shape[0] <= max_rows and native.supports(x_MK, self.weight):
-            y_MN = native.linear(x_MK, self.weight, self.bias)
+        if (
+            0 < x_MK.shape[0] <= max_rows
+            and x.dtype == self.weight.dtype
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and native.supports_weight(self.weight)
+        ):
+            bias = None if self.bias is None else self.bias.float()
+            y_MN = native.linear(x_MK.float().contiguous(), self.weight, bias).to(x.dtype)
             return y_MN.reshape(*x.shape[:-1], y_MN.shape[-1])
         return F.linear(x, self.weight, self.bias)
 

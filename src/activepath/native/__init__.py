@@ -124,6 +124,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.ap_grouped_nk_gemm
     fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
+    lib.ap_grouped_nk_gemm_bf16.argtypes = fn.argtypes
+    lib.ap_grouped_nk_gemm_bf16.restype = ctypes.c_int
     glue = {
         "ap_softmax_topk": [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr],
         "ap_route_softmax_topk": [ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr, ptr,
@@ -134,6 +136,22 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, argtypes in glue.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = ctypes.c_int
+
+
+# Weight dtypes the GEMM kernels read (activations are always fp32).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def supports_weight(w: torch.Tensor) -> bool:
+    """Whether the kernels can read ``w`` (fp32 or bf16 CPU, unit stride along K, no
+    autograd on it); callers bring activations to fp32 themselves."""
+    return (
+        w.dtype in WEIGHT_DTYPES
+        and w.device.type == "cpu"
+        and w.stride(-1) == 1
+        and not (torch.is_grad_enabled() and w.requires_grad)
+        and available()
+    )
 
 
 def supports(x_MK: torch.Tensor, w: torch.Tensor) -> bool:
@@ -159,7 +177,8 @@ def grouped_nk_gemm(
     bias_EN: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[lo:hi] = x[lo:hi] @ w[e].T (+ bias[e])`` for each ``(e, lo, hi)`` in
-    ``segments``. Rows of ``out`` outside every segment are left as they are.
+    ``segments``. Rows of ``out`` outside every segment are left as they are. ``w`` is fp32
+    or bf16 (widened to fp32 in registers); ``x``, ``out`` and ``bias`` are fp32.
 
     Each output element's summation order is fixed (independent of M, the segments and
     the threads), so results are batch-invariant.
@@ -170,8 +189,10 @@ def grouped_nk_gemm(
     _check(x_MK, w_ENK, out_MN, bias_EN)
     flat = _flat_segments(segments, w_ENK.shape[0], x_MK.shape[0])
     _, n, k = w_ENK.shape
-    threads = torch.get_num_threads() if 4 * n * k * (len(flat) // 3) >= PARALLEL_MIN_BYTES else 1
-    rc = lib.ap_grouped_nk_gemm(
+    weight_bytes = w_ENK.element_size() * n * k * (len(flat) // 3)
+    threads = torch.get_num_threads() if weight_bytes >= PARALLEL_MIN_BYTES else 1
+    kernel = lib.ap_grouped_nk_gemm if w_ENK.dtype == torch.float32 else lib.ap_grouped_nk_gemm_bf16
+    rc = kernel(
         x_MK.data_ptr(), x_MK.stride(0), w_ENK.data_ptr(), w_ENK.stride(0), w_ENK.stride(1),
         None if bias_EN is None else bias_EN.data_ptr(), 0 if bias_EN is None else bias_EN.stride(0),
         out_MN.data_ptr(), out_MN.stride(0), n, k,
@@ -209,7 +230,10 @@ def _check(x_MK: torch.Tensor, w_ENK: torch.Tensor, out_MN: torch.Tensor, bias_E
         raise ValueError(f"expected x [M, K], w [E, N, K], out [M, N]; got {tuple(x_MK.shape)}, "
                          f"{tuple(w_ENK.shape)}, {tuple(out_MN.shape)}")  # fmt: skip
     num_experts, n, k = w_ENK.shape
-    for name, t in (("x", x_MK), ("w", w_ENK), ("out", out_MN), ("bias", bias_EN)):
+    if w_ENK.dtype not in WEIGHT_DTYPES or w_ENK.device.type != "cpu" or w_ENK.stride(-1) != 1:
+        raise TypeError(f"w must be a float32 or bfloat16 CPU tensor with unit last stride; got {w_ENK.dtype} on "
+                        f"{w_ENK.device}, strides {w_ENK.stride()}")  # fmt: skip
+    for name, t in (("x", x_MK), ("out", out_MN), ("bias", bias_EN)):
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1):
             raise TypeError(f"{name} must be a float32 CPU tensor with unit last stride; got {t.dtype} on "
                             f"{t.device}, strides {t.stride()}")  # fmt: skip

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-# Every C++ file here is compiled into one library.
+# Every C++ file here is compiled into one library; the headers they share are part of the
+# cache key too.
 _SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+_HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
 # Weight rows per work item: 32 rows of a 2048-wide matrix is 256 KiB, enough to amortise
 # scheduling and few enough that 8 decode experts still give every thread work.
@@ -93,7 +95,7 @@ def _load() -> ctypes.CDLL | None:
         _state["reason"] = "no C++ compiler found (set CXX) or not Linux"
         return None
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in _SOURCES) + " ".join((compiler, *_FLAGS)).encode() + _cpu_key().encode()
+        b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + " ".join((compiler, *_FLAGS)).encode() + _cpu_key().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"activepath_native-{digest}.so"
     try:
@@ -126,6 +128,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
     lib.ap_grouped_nk_gemm_bf16.argtypes = fn.argtypes
     lib.ap_grouped_nk_gemm_bf16.restype = ctypes.c_int
+    lib.ap_grouped_nk_gemm_i8.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr,
+                                          i64, i64, i64, ctypes.c_int]  # fmt: skip
+    lib.ap_grouped_nk_gemm_i8.restype = ctypes.c_int
     glue = {
         "ap_softmax_topk": [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr],
         "ap_route_softmax_topk": [ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr, ptr,
@@ -160,24 +165,22 @@ def supports(x_MK: torch.Tensor, w: torch.Tensor) -> bool:
         x_MK.dtype == torch.float32
         and w.dtype == torch.float32
         and x_MK.device.type == "cpu"
-        and w.device.type == "cpu"
         and x_MK.dim() == 2
         and x_MK.stride(-1) == 1
-        and w.stride(-1) == 1
-        and not (torch.is_grad_enabled() and (x_MK.requires_grad or w.requires_grad))
-        and available()
+        and not (torch.is_grad_enabled() and x_MK.requires_grad)
+        and supports_weight(w)
     )
 
 
 def grouped_nk_gemm(
     x_MK: torch.Tensor,
     w_ENK: torch.Tensor,
-    segments: Sequence[tuple[int, int, int]],
+    segments: torch.Tensor | Sequence[tuple[int, int, int]],
     out_MN: torch.Tensor,
     bias_EN: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[lo:hi] = x[lo:hi] @ w[e].T (+ bias[e])`` for each ``(e, lo, hi)`` in
-    ``segments``. Rows of ``out`` outside every segment are left as they are. ``w`` is fp32
+    ``segments`` (triples or an integer [G, 3] tensor). Rows of ``out`` outside every segment are left as they are. ``w`` is fp32
     or bf16 (widened to fp32 in registers); ``x``, ``out`` and ``bias`` are fp32.
 
     Each output element's summation order is fixed (independent of M, the segments and
@@ -189,8 +192,7 @@ def grouped_nk_gemm(
     _check(x_MK, w_ENK, out_MN, bias_EN)
     flat = _flat_segments(segments, w_ENK.shape[0], x_MK.shape[0])
     _, n, k = w_ENK.shape
-    weight_bytes = w_ENK.element_size() * n * k * (len(flat) // 3)
-    threads = torch.get_num_threads() if weight_bytes >= PARALLEL_MIN_BYTES else 1
+    threads = _threads_for(w_ENK.element_size() * n * k * (len(flat) // 3))
     kernel = lib.ap_grouped_nk_gemm if w_ENK.dtype == torch.float32 else lib.ap_grouped_nk_gemm_bf16
     rc = kernel(
         x_MK.data_ptr(), x_MK.stride(0), w_ENK.data_ptr(), w_ENK.stride(0), w_ENK.stride(1),
@@ -210,18 +212,36 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None =
     return grouped_nk_gemm(x_MK, w_NK.unsqueeze(0), ((0, 0, x_MK.shape[0]),), out_MN, bias_1N)
 
 
-def _flat_segments(segments: Sequence[tuple[int, int, int]], num_experts: int, rows: int) -> ctypes.Array:
-    # Checked on the host in plain Python: a few microseconds for an MoE layer's segments,
-    # cheaper than any tensor op, and the kernel trusts these bounds.
-    flat: list[int] = []
-    for segment in segments:
-        if len(segment) != 3:
-            raise ValueError(f"a segment is (expert, lo, hi), got {segment!r}")
-        e, lo, hi = (int(v) for v in segment)
-        if not (0 <= e < num_experts and 0 <= lo <= hi <= rows):
-            raise ValueError(f"segment out of range: {[e, lo, hi]} for E={num_experts}, M={rows}")
-        flat += (e, lo, hi)
+def _flat_segments(
+    segments: torch.Tensor | Sequence[tuple[int, int, int]], num_experts: int, rows: int
+) -> ctypes.Array:
+    """Segments (an integer [G, 3] tensor or triples) as a C int64 array, every bound checked
+    on the host in plain Python ints: for an MoE layer's few segments this is cheaper than
+    any tensor op, and the kernels trust these bounds."""
+    if isinstance(segments, torch.Tensor):
+        if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
+            raise TypeError(f"segments must be an integer tensor, got {segments.dtype}")
+        if segments.dim() != 2 or segments.shape[1] != 3:
+            raise ValueError(f"segments must be [G, 3] (expert, lo, hi), got shape {tuple(segments.shape)}")
+        flat = [v for segment in segments.tolist() for v in segment]
+    else:
+        flat = []
+        for segment in segments:
+            if len(segment) != 3:
+                raise ValueError(f"a segment is (expert, lo, hi), got {segment!r}")
+            flat += (int(segment[0]), int(segment[1]), int(segment[2]))
+    es, los, his = flat[0::3], flat[1::3], flat[2::3]
+    if flat and (min(es) < 0 or max(es) >= num_experts or min(los) < 0 or max(his) > rows
+                 or any(lo > hi for lo, hi in zip(los, his))):  # fmt: skip
+        bad = next(s for s in zip(es, los, his) if not (0 <= s[0] < num_experts and 0 <= s[1] <= s[2] <= rows))
+        raise ValueError(f"segment (expert, lo, hi) = {list(bad)} out of range for E={num_experts} experts, "
+                         f"M={rows} rows")  # fmt: skip
     return (ctypes.c_int64 * len(flat))(*flat)
+
+
+def _threads_for(weight_bytes: int) -> int:
+    """All of torch's threads, or one below PARALLEL_MIN_BYTES (see there)."""
+    return torch.get_num_threads() if weight_bytes >= PARALLEL_MIN_BYTES else 1
 
 
 def _check(x_MK: torch.Tensor, w_ENK: torch.Tensor, out_MN: torch.Tensor, bias_EN: torch.Tensor | None) -> None:
@@ -290,7 +310,7 @@ def route_softmax_topk(
     logits_TE = torch.empty(num_tokens, num_experts, dtype=torch.float32)
     weights_TK = torch.empty(num_tokens, k, dtype=torch.float32)
     ids_TK = torch.empty(num_tokens, k, dtype=torch.int64)
-    threads = torch.get_num_threads() if 4 * weight_EH.numel() >= PARALLEL_MIN_BYTES else 1
+    threads = _threads_for(4 * weight_EH.numel())
     _call("ap_route_softmax_topk", x_TH.data_ptr(), num_tokens, hidden, weight_EH.data_ptr(),
           None if bias_E is None else bias_E.data_ptr(), num_experts, k, int(normalize), scale,
           logits_TE.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(), N_BLOCK, M_BLOCK, threads)  # fmt: skip
@@ -331,7 +351,7 @@ def combine(
     if order_S.shape != (num_slots,) or token_idx_S.shape != (num_slots,):
         raise ValueError(f"order and token_idx must be [{num_slots}], got {tuple(order_S.shape)}, {tuple(token_idx_S.shape)}")
     y_TH = torch.empty(num_tokens, hidden, dtype=torch.float32)
-    threads = torch.get_num_threads() if 4 * out_SH.numel() >= PARALLEL_MIN_BYTES else 1
+    threads = _threads_for(4 * out_SH.numel())
     _call("ap_combine", out_SH.data_ptr(), num_slots, hidden, weights_TK.data_ptr(), order_S.data_ptr(),
           weights_TK.numel(), token_idx_S.data_ptr(), num_tokens, y_TH.data_ptr(), threads)  # fmt: skip
     return y_TH

@@ -11,12 +11,11 @@ rounding (at most half a step, ``scale / 2``, per weight); activations are never
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 
 import torch
 
-from . import _library, unavailable_reason
+from . import _flat_segments, _library, _threads_for, unavailable_reason
 
 # Weight rows per work item. An int8 row is a quarter of an fp32 row, so 4x the fp32
 # N_BLOCK reads the same 256 KiB per item (Qwen3-30B-A3B: 12 items per gate_up expert,
@@ -24,33 +23,13 @@ from . import _library, unavailable_reason
 N_BLOCK_I8 = 128
 # Activation rows per pass over a weight tile (they stay in L2 while the tile streams).
 M_BLOCK_I8 = 64
-# Below this many weight bytes a call runs on one thread (as the fp32 kernel does: a
-# parallel region waits for its slowest thread, which another process may be holding).
-PARALLEL_MIN_BYTES_I8 = 1 << 20
-
 _SYMBOL = "ap_grouped_nk_gemm_i8"
 _F32, _I8 = torch.float32, torch.int8
 
 
 def available() -> bool:
-    """True when the native library is built, enabled and has the int8 kernel."""
-    lib = _library()
-    return lib is not None and hasattr(lib, _SYMBOL)
-
-
-def _kernel() -> ctypes._CFuncPtr:
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
-    if not hasattr(lib, _SYMBOL):
-        raise RuntimeError(f"the native library has no {_SYMBOL} (stale build?)")
-    fn = getattr(lib, _SYMBOL)  # ctypes caches this object on the library
-    if fn.argtypes is None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, i64,
-                       ctypes.c_int]  # fmt: skip
-        fn.restype = ctypes.c_int
-    return fn
+    """True when the native library (which holds the int8 kernel) is built and enabled."""
+    return _library() is not None
 
 
 def grouped_nk_gemm_i8(
@@ -69,18 +48,18 @@ def grouped_nk_gemm_i8(
     Each output element's summation order is fixed (independent of M, the segments and
     the threads), so results are batch-invariant.
     """
-    fn = _kernel()
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
     _check(x_MK, q_ENK, scale_EN, out_MN, bias_EN)
     num_experts, n, k = q_ENK.shape
     flat = _flat_segments(segments_G3, num_experts, x_MK.shape[0])
-    groups = flat.shape[0] if isinstance(flat, torch.Tensor) else len(flat) // 3
-    threads = torch.get_num_threads() if n * k * groups >= PARALLEL_MIN_BYTES_I8 else 1
-    rc = fn(
+    groups = len(flat) // 3
+    rc = lib.ap_grouped_nk_gemm_i8(
         x_MK.data_ptr(), x_MK.stride(0), q_ENK.data_ptr(), q_ENK.stride(0), q_ENK.stride(1),
         scale_EN.data_ptr(), scale_EN.stride(0),
         None if bias_EN is None else bias_EN.data_ptr(), 0 if bias_EN is None else bias_EN.stride(0),
-        out_MN.data_ptr(), out_MN.stride(0), n, k,
-        flat.data_ptr() if isinstance(flat, torch.Tensor) else flat, groups, N_BLOCK_I8, M_BLOCK_I8, threads,
+        out_MN.data_ptr(), out_MN.stride(0), n, k, flat, groups, N_BLOCK_I8, M_BLOCK_I8, _threads_for(n * k * groups),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"{_SYMBOL} failed with code {rc}")
@@ -115,35 +94,6 @@ def quantize_rows(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale_N = (w_NK.abs().amax(dim=1) / 127.0).clamp_(min=torch.finfo(torch.float32).tiny)
     q_NK = torch.round(w_NK / scale_N.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
     return q_NK.contiguous(), scale_N
-
-
-def _flat_segments(
-    segments: torch.Tensor | Sequence[tuple[int, int, int]], num_experts: int, rows: int
-) -> ctypes.Array | torch.Tensor:
-    """Checked on the host in plain Python ints: for an MoE layer's few segments this is
-    cheaper than any tensor op, and the kernel trusts these bounds."""
-    if isinstance(segments, torch.Tensor):
-        if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
-            raise TypeError(f"segments must be an integer tensor, got {segments.dtype}")
-        if segments.dim() != 2 or segments.shape[1] != 3:
-            raise ValueError(f"segments must be [G, 3] (expert, lo, hi), got shape {tuple(segments.shape)}")
-        flat = [v for segment in segments.tolist() for v in segment]
-        whole = segments.dtype == torch.int64 and segments.is_contiguous() and segments.device.type == "cpu"
-    else:
-        whole = False
-        flat = []
-        for segment in segments:
-            if len(segment) != 3:
-                raise ValueError(f"a segment is (expert, lo, hi), got {segment!r}")
-            flat += (int(segment[0]), int(segment[1]), int(segment[2]))
-    es, los, his = flat[0::3], flat[1::3], flat[2::3]
-    if flat and (min(es) < 0 or max(es) >= num_experts or min(los) < 0 or max(his) > rows
-                 or any(lo > hi for lo, hi in zip(los, his))):  # fmt: skip
-        bad = next(s for s in zip(es, los, his) if not (0 <= s[0] < num_experts and 0 <= s[1] <= s[2] <= rows))
-        raise ValueError(f"segment (expert, lo, hi) = {list(bad)} out of range for E={num_experts} experts, "
-                         f"M={rows} rows")  # fmt: skip
-    # The kernel can read a contiguous int64 tensor in place (values checked above).
-    return segments if whole else (ctypes.c_int64 * len(flat))(*flat)  # type: ignore[return-value]
 
 
 def _check(

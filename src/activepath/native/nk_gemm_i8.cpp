@@ -16,11 +16,12 @@
 // into the same library as nk_gemm.cpp.
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+#include "work_items.h"
 
 namespace {
 
@@ -154,31 +155,11 @@ int ap_grouped_nk_gemm_i8(const float* x, int64_t ldx, const int8_t* q, int64_t 
                           const float* b, int64_t b_estride, float* y, int64_t ldy, int64_t N,
                           int64_t K, const int64_t* segments, int64_t G, int64_t n_block,
                           int64_t m_block, int num_threads) {
-    if (N <= 0 || K < 0 || G < 0 || n_block <= 0 || m_block <= 0 || num_threads <= 0) return 1;
-    const int64_t nb_per_seg = (N + n_block - 1) / n_block;
-    std::vector<int64_t> first_item(G + 1, 0);
-    for (int64_t g = 0; g < G; ++g) {
-        const int64_t rows = segments[3 * g + 2] - segments[3 * g + 1];
-        if (rows < 0) return 2;
-        const int64_t m_passes = (rows + m_block - 1) / m_block;
-        first_item[g + 1] = first_item[g] + nb_per_seg * m_passes;
-    }
-    const int64_t items = first_item[G];
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t it = 0; it < items; ++it) {
-        int64_t g = 0;
-        while (first_item[g + 1] <= it) ++g;  // G is small (active experts)
-        const int64_t local = it - first_item[g];
-        const int64_t mp = local / nb_per_seg, nb = local % nb_per_seg;
-        const int64_t e = segments[3 * g], lo = segments[3 * g + 1], hi = segments[3 * g + 2];
-        const int64_t m0 = lo + mp * m_block;
-        const int64_t m1 = m0 + m_block < hi ? m0 + m_block : hi;
-        const int64_t n0 = nb * n_block;
-        const int64_t n1 = n0 + n_block < N ? n0 + n_block : N;
-        block_i8(x, ldx, q + e * q_estride, ldq, K, scale + e * scale_estride,
-                 b ? b + e * b_estride : b, y, ldy, m0, m1, n0, n1);
-    }
-    return 0;
+    return ap::for_each_work_item(segments, G, N, K, n_block, m_block, num_threads,
+                                  [&](int64_t e, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                                      block_i8(x, ldx, q + e * q_estride, ldq, K, scale + e * scale_estride,
+                                               b ? b + e * b_estride : b, y, ldy, m0, m1, n0, n1);
+                                  });
 }
 
 }  // extern "C"

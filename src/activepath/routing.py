@@ -158,6 +158,17 @@ def route(
     return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
 
 
+def _plain_softmax_topk(config: RouterConfig, correction_bias_E: torch.Tensor | None) -> bool:
+    """Softmax scores, top-k over them, no expert groups, no selection bias: the routing the
+    native ``softmax_topk`` implements."""
+    return (
+        config.scoring == "softmax"
+        and config.order == "score_then_topk"
+        and config.n_group == 1
+        and correction_bias_E is None
+    )
+
+
 def _fused_native_router_applies(
     config: RouterConfig,
     x_TH: torch.Tensor,
@@ -167,10 +178,7 @@ def _fused_native_router_applies(
 ) -> bool:
     """fp32 softmax routing on CPU without autograd: logits and top-k in one native call."""
     return (
-        config.scoring == "softmax"
-        and config.order == "score_then_topk"
-        and config.n_group == 1
-        and correction_bias_E is None
+        _plain_softmax_topk(config, correction_bias_E)
         and x_TH.dtype == torch.float32
         and weight_EH.dtype == torch.float32
         and (bias_E is None or bias_E.dtype == torch.float32)
@@ -191,10 +199,7 @@ def _native_softmax_topk_applies(
     call instead of five small ops (which cost 2-4x more right after the experts have
     streamed their weights through the caches)."""
     return (
-        config.scoring == "softmax"
-        and config.order == "score_then_topk"
-        and config.n_group == 1
-        and correction_bias_E is None
+        _plain_softmax_topk(config, correction_bias_E)
         and logits_TE.dtype == torch.float32
         and logits_TE.device.type == "cpu"
         and not logits_TE.requires_grad

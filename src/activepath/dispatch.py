@@ -39,6 +39,11 @@ class DispatchPlan:
         """Experts that received at least one slot, ascending."""
         return tuple(e for e, n in enumerate(self.counts) if n)
 
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        """``(expert, lo, hi)`` for each active expert: it owns sorted positions ``lo:hi``."""
+        return [(e, self.offsets[e], self.offsets[e + 1]) for e in self.active_experts]
+
 
 def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Tensor | None = None) -> DispatchPlan:
     """Sort the slots of ``topk_ids_TK`` (int, [T, K]) by expert.

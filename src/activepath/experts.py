@@ -254,29 +254,25 @@ def _native_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
 def _native_experts(
     weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan, *, max_rows: int | None
 ) -> torch.Tensor:
-    if hasattr(weights, "run_segments"):
-        # int8 experts bring their own kernel, which keeps up with BLAS at any row count.
-        max_rows = None
-    elif x_SH.dtype == torch.bfloat16 and max_rows is not None:
-        max_rows = NATIVE_MAX_ROWS_BF16
-    small, large = [], []
-    for e in plan.active_experts:
-        lo, hi = plan.offsets[e], plan.offsets[e + 1]
-        (small if max_rows is None or hi - lo <= max_rows else large).append((e, lo, hi))
     x_SH = x_SH.contiguous()
     if hasattr(weights, "run_segments"):
-        out_SH = weights.run_segments(x_SH, small)
-    else:
-        # The kernels take fp32 activations (bf16 weights are widened in registers).
-        x32_SH = x_SH.float()
-        b_gate_up, b_down = (None if b is None else b.float() for b in (weights.b_gate_up, weights.b_down))
-        out_SH = torch.empty(x_SH.shape, dtype=torch.float32)
-        gate_up_S2I = x32_SH.new_empty(x_SH.shape[0], 2 * weights.intermediate_size)
-        native.grouped_nk_gemm(x32_SH, weights.w_gate_up, small, gate_up_S2I, b_gate_up)
-        # Rows of large experts hold garbage until the loop below; the activation is row-local.
-        h_SI = gated_activation(weights.activation, gate_up_S2I).contiguous()
-        native.grouped_nk_gemm(h_SI, weights.w_down, small, out_SH, b_down)
-        out_SH = out_SH.to(x_SH.dtype)
+        # int8 experts bring their own kernel, which keeps up with BLAS at any row count.
+        return weights.run_segments(x_SH, plan.segments)
+    if x_SH.dtype == torch.bfloat16 and max_rows is not None:
+        max_rows = NATIVE_MAX_ROWS_BF16
+    small, large = [], []
+    for e, lo, hi in plan.segments:
+        (small if max_rows is None or hi - lo <= max_rows else large).append((e, lo, hi))
+    # The kernels take fp32 activations (bf16 weights are widened in registers).
+    x32_SH = x_SH.float()
+    b_gate_up, b_down = (None if b is None else b.float() for b in (weights.b_gate_up, weights.b_down))
+    out_SH = torch.empty(x_SH.shape, dtype=torch.float32)
+    gate_up_S2I = x32_SH.new_empty(x_SH.shape[0], 2 * weights.intermediate_size)
+    native.grouped_nk_gemm(x32_SH, weights.w_gate_up, small, gate_up_S2I, b_gate_up)
+    # Rows of large experts hold garbage until the loop below; the activation is row-local.
+    h_SI = gated_activation(weights.activation, gate_up_S2I).contiguous()
+    native.grouped_nk_gemm(h_SI, weights.w_down, small, out_SH, b_down)
+    out_SH = out_SH.to(x_SH.dtype)
     return _run_segments(weights, x_SH, large, out_SH) if large else out_SH
 
 
@@ -286,8 +282,7 @@ def grouped_loop_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: Dispa
 
 
 def _loop_experts(weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    segments = ((e, plan.offsets[e], plan.offsets[e + 1]) for e in plan.active_experts)
-    return _run_segments(weights, x_SH, segments)
+    return _run_segments(weights, x_SH, plan.segments)
 
 
 def _run_segments(

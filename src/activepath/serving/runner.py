@@ -9,8 +9,9 @@ positions); our cache's ``update`` writes each token's k/v into its slot, and a
 registered attention function attends each sequence to its own slot only.
 
 ``exact=True`` makes a sequence's tokens independent of what else is in the batch: dense
-projections, the router and the experts run one row at a time (1-row kernels), and
-attention runs one sequence at a time over exactly its own length.
+projections, the router and the experts run in the native kernels (a fixed summation order
+per output) where they apply, else one row at a time (1-row kernels), and attention runs
+one sequence at a time over exactly its own length.
 
 Shape legend: T packed tokens in the step, B decode rows, S slots, L layers,
 Hq query heads, Hkv key/value heads, D head dim, W attended width, V vocab.

@@ -95,6 +95,59 @@ def test_bad_arguments_raise(kwargs, error, match) -> None:
         native.grouped_nk_gemm(args["x"], args["w"], args["segments"], args["out"], args["bias"])
 
 
+@needs_native
+@pytest.mark.parametrize("k", [1, 7, 16, 33, 2048])
+@pytest.mark.parametrize("n", [1, 5, 13, 37, 130])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_panel_gemm_matches_float64(k: int, n: int, with_bias: bool) -> None:
+    # Segments of 0, 1, 15 (all remainder rows), 16 (one full panel), 17, 33 (two panels and
+    # a remainder), 48 (three: a pair, then a single) and 97 rows; n covers full 12-row
+    # tiles, the 4- and 1-row tails and blocks smaller than one tile. Rows outside every
+    # segment (the last 3) stay as they were.
+    gen = torch.Generator().manual_seed(k * 1000 + n + 7)
+    w_ENK = torch.randn(5, n, k, generator=gen)
+    bias_EN = torch.randn(5, n, generator=gen) if with_bias else None
+    rows = [0, 1, 15, 16, 17, 33, 48, 97]
+    bounds = [0, *torch.tensor(rows).cumsum(0).tolist()]
+    segments = [(i % 5, lo, hi) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+    x_MK = torch.randn(bounds[-1] + 3, k, generator=gen)
+    out = torch.full((bounds[-1] + 3, n), float("nan"))
+    native.grouped_nk_gemm_panel(x_MK, w_ENK, segments, out, bias_EN)
+    assert out[bounds[-1]:].isnan().all()
+    expected = _reference(x_MK, w_ENK, segments, bias_EN, bounds[-1])
+    err = (out[: bounds[-1]].double() - expected).abs().max().item()
+    assert err <= tolerance(torch.float32).bound(expected) * k**0.5, err
+
+
+@needs_native
+def test_panel_gemm_is_deterministic_across_threads_and_neighbours() -> None:
+    # Each output element is one FMA chain over k in one tile: the same bits on 1 or 2
+    # threads, and a segment's rows do not depend on the other segments of the call.
+    w_ENK = torch.randn(3, 100, 300)
+    x_MK = torch.randn(80, 300)
+    segments = [(2, 0, 37), (0, 37, 80)]
+    threads = torch.get_num_threads()
+    outs = []
+    for t in (1, max(threads, 2)):
+        torch.set_num_threads(t)
+        try:
+            outs.append(native.grouped_nk_gemm_panel(x_MK, w_ENK, segments, torch.empty(80, 100)))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    alone = native.grouped_nk_gemm_panel(x_MK[:37].contiguous(), w_ENK, [(2, 0, 37)], torch.empty(37, 100))
+    assert torch.equal(alone, outs[0][:37])
+
+
+@needs_native
+def test_panel_gemm_rejects_bf16_weights_and_bad_segments() -> None:
+    x_MK, out = torch.randn(20, 8), torch.empty(20, 6)
+    with pytest.raises(TypeError, match="float32 weights"):
+        native.grouped_nk_gemm_panel(x_MK, torch.randn(2, 6, 8).bfloat16(), [(0, 0, 20)], out)
+    with pytest.raises(ValueError, match="out of range"):
+        native.grouped_nk_gemm_panel(x_MK, torch.randn(2, 6, 8), [(0, 0, 21)], out)
+
+
 def _experts(seed: int, e: int = 6, h: int = 40, i: int = 24) -> ExpertWeights:
     gen = torch.Generator().manual_seed(seed)
     return ExpertWeights(torch.randn(e, 2 * i, h, generator=gen) / h**0.5, torch.randn(e, h, i, generator=gen) / i**0.5,
@@ -104,10 +157,11 @@ def _experts(seed: int, e: int = 6, h: int = 40, i: int = 24) -> ExpertWeights:
 @needs_native
 @pytest.mark.parametrize("backend", ["native", "grouped"])
 def test_backends_mix_native_and_blas_segments(backend: str) -> None:
-    # Expert 1 gets more than NATIVE_MAX_ROWS slots, so ``grouped`` sends it to BLAS and
-    # the others to the native kernel, in one call; expert 4 gets none.
+    # Expert 1 gets more than NATIVE_MAX_ROWS slots, so ``grouped`` sends it to BLAS, expert
+    # 0 enough for the panel kernel (two panels and 5 rows) and the others to the dot
+    # kernel, in one call; expert 4 gets none.
     weights = _experts(0)
-    ids = [1] * (NATIVE_MAX_ROWS + 9) + [0, 2, 3, 5] * 5 + [2]
+    ids = [1] * (NATIVE_MAX_ROWS + 9) + [0] * 37 + [2, 3, 5] * 5 + [2]
     ids_TK = torch.tensor(ids).reshape(-1, 1)
     plan = plan_dispatch(ids_TK, weights.num_experts)
     x_TH = torch.randn(len(ids), weights.hidden_size)
@@ -130,6 +184,27 @@ def test_linear_patch_matches_nn_linear_and_respects_grad() -> None:
     x.requires_grad_(True)
     model(x).sum().backward()  # the BLAS path keeps autograd
     assert x.grad is not None
+
+
+@needs_native
+def test_linear_patch_panel_path_for_many_rows_of_a_wide_layer() -> None:
+    # 40 rows of a layer with >= PANEL_MIN_OUT_FEATURES outputs take the panel kernel; 3 rows
+    # and the narrow layer keep the dot kernel, which is batch-invariant.
+    from activepath.linears import PANEL_MIN_OUT_FEATURES
+
+    model = torch.nn.Sequential(torch.nn.Linear(70, PANEL_MIN_OUT_FEATURES + 5), torch.nn.Linear(70, 9))
+    assert patch_linears(model, min_weight_bytes=0) == 2
+    wide, narrow = model[0], model[1]
+    for layer in (wide, narrow):
+        x = torch.randn(40, 70, dtype=torch.float64)
+        with torch.no_grad():
+            got = layer(x.float())
+            want = x @ layer.weight.double().T + layer.bias.double()
+        assert (got.double() - want).abs().max().item() <= tolerance(torch.float32).bound(want) * 70**0.5
+    x = torch.randn(40, 70)
+    with torch.no_grad():
+        assert torch.equal(narrow(x)[5], narrow(x[5:6])[0])  # dot kernel: batch-invariant
+        assert torch.equal(wide(x), native.linear(x, wide.weight, wide.bias, panel=True))
 
 
 def test_disabled_by_environment_falls_back() -> None:

@@ -209,7 +209,7 @@ def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
     """
     x_SH = x_TH.index_select(0, plan.token_idx_S)
     if _native_applies(weights, x_SH):
-        return _native_experts(weights, x_SH, plan, max_rows=NATIVE_MAX_ROWS)
+        return _native_experts(weights, x_SH, plan, batch_invariant=False)
     # torch's CPU grouped GEMM visits every expert (an empty matmul and a host sync each),
     # so when few experts are active (decode) the loop over the active ones is cheaper.
     few_active = len(plan.active_experts) * 8 <= weights.num_experts
@@ -218,10 +218,10 @@ def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
     return _loop_experts(weights, x_SH, plan)
 
 
-# Above this many tokens per expert BLAS's blocked GEMM catches up with the native kernel on
-# the shapes we measured (benchmarks/results/native_gemm_*: native 1.2-1.3x faster at 128
-# rows, gate/up 0.8-0.9x at 256-512), so ``grouped`` hands such experts to it.
-NATIVE_MAX_ROWS = 128
+# Above this many tokens per expert BLAS's blocked GEMM catches up with the native kernels
+# (fp32, Qwen3-30B-A3B experts, benchmarks/native_gemm.py: the panel kernel 1.2-1.5x BLAS at
+# 64-256 rows, 0.95-1.1x at 512), so ``grouped`` hands such experts to it.
+NATIVE_MAX_ROWS = 512
 # With bf16 weights BLAS has the CPU's bf16 dot-product instructions (twice the fp32 FLOP
 # rate) while the native kernel widens to fp32, so BLAS wins sooner. Measured on Zen 4,
 # Qwen3-30B-A3B experts, native vs torch bf16: 2.4-2.6x at 1 row, 1.3-1.6x at 8, 1.0x at 16,
@@ -235,7 +235,7 @@ def native_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPla
     batch-invariant) where the kernels do not apply (no compiler, non-fp32, transposed weights)."""
     x_SH = x_TH.index_select(0, plan.token_idx_S)
     if _native_applies(weights, x_SH):
-        return _native_experts(weights, x_SH, plan, max_rows=None)
+        return _native_experts(weights, x_SH, plan, batch_invariant=True)
     return rowwise_experts(weights, x_TH, plan)
 
 
@@ -252,26 +252,31 @@ def _native_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
 
 
 def _native_experts(
-    weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan, *, max_rows: int | None
+    weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan, *, batch_invariant: bool
 ) -> torch.Tensor:
+    """``batch_invariant``: every expert in the dot kernel (fixed summation order per row).
+    Otherwise fp32 experts with at least ``native.PANEL_ROWS`` rows take the faster panel
+    kernel, and experts past ``NATIVE_MAX_ROWS`` (``NATIVE_MAX_ROWS_BF16``) rows BLAS."""
     x_SH = x_SH.contiguous()
     if hasattr(weights, "run_segments"):
         # int8 experts bring their own kernel, which keeps up with BLAS at any row count.
         return weights.run_segments(x_SH, plan.segments)
-    if x_SH.dtype == torch.bfloat16 and max_rows is not None:
-        max_rows = NATIVE_MAX_ROWS_BF16
+    fp32 = x_SH.dtype == torch.float32
+    max_rows = None if batch_invariant else NATIVE_MAX_ROWS if fp32 else NATIVE_MAX_ROWS_BF16
     small, large = [], []
     for e, lo, hi in plan.segments:
         (small if max_rows is None or hi - lo <= max_rows else large).append((e, lo, hi))
+    panel = fp32 and not batch_invariant and any(hi - lo >= native.PANEL_ROWS for _, lo, hi in small)
+    gemm = native.grouped_nk_gemm_panel if panel else native.grouped_nk_gemm
     # The kernels take fp32 activations (bf16 weights are widened in registers).
     x32_SH = x_SH.float()
     b_gate_up, b_down = (None if b is None else b.float() for b in (weights.b_gate_up, weights.b_down))
     out_SH = torch.empty(x_SH.shape, dtype=torch.float32)
     gate_up_S2I = x32_SH.new_empty(x_SH.shape[0], 2 * weights.intermediate_size)
-    native.grouped_nk_gemm(x32_SH, weights.w_gate_up, small, gate_up_S2I, b_gate_up)
+    gemm(x32_SH, weights.w_gate_up, small, gate_up_S2I, b_gate_up)
     # Rows of large experts hold garbage until the loop below; the activation is row-local.
     h_SI = gated_activation(weights.activation, gate_up_S2I).contiguous()
-    native.grouped_nk_gemm(h_SI, weights.w_down, small, out_SH, b_down)
+    gemm(h_SI, weights.w_down, small, out_SH, b_down)
     out_SH = out_SH.to(x_SH.dtype)
     return _run_segments(weights, x_SH, large, out_SH) if large else out_SH
 

@@ -4,8 +4,9 @@ small-batch kernel.
 At decode a model reads every dense weight once per token; BLAS's one-row product leaves a
 third of the memory bandwidth unused on the CPUs we measured, the native kernel does not.
 Patching is per module instance (``forward`` replaced), so the model keeps its classes,
-parameters and state dict; the original path is used for many rows (prefill, where BLAS's
-blocked GEMM is faster), for autograd, and for anything not fp32 on CPU.
+parameters and state dict. From 16 rows (prefill) wide fp32 layers take the native panel
+kernel, which beats BLAS's blocked GEMM up to a few hundred rows; the original path is used
+past that, for autograd, and for anything not fp32 or bf16 on CPU.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from torch import nn
 from . import native
 from .native import int8 as native_int8
 
-# Up to this many rows the native kernel measured faster than BLAS (see NATIVE_MAX_ROWS
-# and NATIVE_MAX_ROWS_BF16 in experts.py).
-LINEAR_MAX_ROWS = 64
+# Up to this many rows the native kernels measured faster than BLAS (see NATIVE_MAX_ROWS
+# and NATIVE_MAX_ROWS_BF16 in experts.py). fp32, Qwen3-30B-A3B attention shapes at 16-256
+# rows: the panel kernel 1.1-2.2x BLAS for [4096, 2048] and [2048, 4096] weights.
+LINEAR_MAX_ROWS = 256
 LINEAR_MAX_ROWS_BF16 = 12
+# The panel kernel splits work in blocks of 48 weight rows; narrower layers (k/v projections,
+# [512, 2048]) leave too few blocks to balance and measured faster in the dot kernel.
+PANEL_MIN_OUT_FEATURES = 1024
 # Smaller weights stay in cache between steps, where BLAS is as fast and the ~10 us of a
 # native call's checks and ctypes dispatch would be pure overhead.
 LINEAR_MIN_WEIGHT_BYTES = 1 << 20
@@ -74,7 +79,12 @@ def _make_forward(max_rows: int):
             and native.supports_weight(self.weight)
         ):
             bias = None if self.bias is None else self.bias.float()
-            y_MN = native.linear(x_MK.float().contiguous(), self.weight, bias).to(x.dtype)
+            panel = (
+                x_MK.shape[0] >= native.PANEL_ROWS
+                and self.weight.dtype == torch.float32
+                and self.weight.shape[0] >= PANEL_MIN_OUT_FEATURES
+            )
+            y_MN = native.linear(x_MK.float().contiguous(), self.weight, bias, panel=panel).to(x.dtype)
             return y_MN.reshape(*x.shape[:-1], y_MN.shape[-1])
         return F.linear(x, self.weight, self.bias)
 

@@ -18,6 +18,7 @@
 // so torch's thread pool is reused instead of a second one competing for the cores.
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -161,6 +162,128 @@ static void run_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
         block<W, 4, 4>(x, ldx, w, ldw, K, b, y, ldy, m0, m1, n0, n1);
 }
 
+// ---- Panel kernel: experts (and dense layers) with many rows, fp32 weights ----------------
+//
+// The dot-product tiles above load one x vector per weight vector, so past ~16 rows they are
+// limited by loads, not FMAs (about 140-170 GFLOP/s here against a 190 GFLOP/s peak). The
+// panel kernel is the outer-product form: x is packed into panels of 16 rows transposed
+// ([K][16], so a vector holds 16 rows of one column), each weight element is broadcast from
+// memory into the FMA, and a tile of PANEL_MV panels x PANEL_NR weight rows keeps
+// PANEL_MV * PANEL_NR accumulators: 12 FMAs per 2 vector loads + 12 broadcasts. Measured on
+// Zen 4 (8 experts of [1536, 2048] and [2048, 768], benchmarks/native_gemm.py): 143-150
+// GFLOP/s at 16 rows vs 120 for the dot kernel and 65-71 for BLAS, 190-207 at 128-512 rows
+// vs 157-178 (dot) and 160-190 (BLAS).
+//
+// Summation order: y[m, n] is one fp32 FMA chain over k = 0..K-1 (each accumulator lane is a
+// row), whatever the panel pairing, the tile or the thread; rows past the last full panel
+// (rows % 16) take the dot kernel. So a row's result depends on its position in its segment:
+// this path is for the `grouped` backend, not the batch-invariant one.
+#if defined(__AVX512F__)
+constexpr int PANEL_MV = 2, PANEL_NR = 12;  // 24 accumulators + 2 x vectors of 32 zmm
+#else
+constexpr int PANEL_MV = 1, PANEL_NR = 6;   // a v16 is two ymm: 12 + 2 of 16 registers
+#endif
+constexpr int64_t PANEL_ROWS = 16;
+
+// Rows [lo, lo + 16 * panels) of x → panels [K][16], one after another.
+static void pack_panels(const float* x, int64_t ldx, int64_t lo, int64_t panels, int64_t K, float* dst) {
+    for (int64_t p = 0; p < panels; ++p) {
+        const float* src = x + (lo + p * PANEL_ROWS) * ldx;
+        float* d = dst + p * K * PANEL_ROWS;
+        for (int64_t k0 = 0; k0 < K; k0 += 64)  // 64 columns at a time: 16 source rows stay in L1
+            for (int64_t r = 0; r < PANEL_ROWS; ++r)
+                for (int64_t k = k0; k < K && k < k0 + 64; ++k) d[k * PANEL_ROWS + r] = src[r * ldx + k];
+    }
+}
+
+// MV panels (16 * MV rows) x NR weight rows → y. No software prefetch: with 12 weight rows
+// streaming at once the hardware prefetchers keep up, and prefetching the next rows measured
+// 0-9 % slower (16-128 rows).
+template <int MV, int NR>
+static void panel_tile(const float* xt, int64_t K, const float* w, int64_t ldw, const float* b, float* y,
+                       int64_t ldy) {
+    v16 acc[MV][NR];
+    for (int i = 0; i < MV; ++i)
+        for (int n = 0; n < NR; ++n) acc[i][n] = v16{};
+    for (int64_t k = 0; k < K; ++k) {
+        v16 xv[MV];
+        for (int i = 0; i < MV; ++i) {
+            xv[i] = load16(xt + i * K * PANEL_ROWS + k * PANEL_ROWS);
+#ifdef __AVX512F__
+            asm("" : "+v"(xv[i]));
+#endif
+        }
+        for (int n = 0; n < NR; ++n) {
+            const float ws = w[n * ldw + k];
+            for (int i = 0; i < MV; ++i) acc[i][n] += xv[i] * ws;
+        }
+    }
+    for (int i = 0; i < MV; ++i) {
+        float cols[NR][PANEL_ROWS];
+        for (int n = 0; n < NR; ++n) std::memcpy(cols[n], &acc[i][n], sizeof(cols[n]));
+        for (int64_t r = 0; r < PANEL_ROWS; ++r) {
+            float* yr = y + (i * PANEL_ROWS + r) * ldy;
+            for (int n = 0; n < NR; ++n) yr[n] = b ? cols[n][r] + b[n] : cols[n][r];
+        }
+    }
+}
+
+// Every panel of a segment against NR weight rows: the rows (NR * K floats) stay in L2
+// while the panels stream past them in pairs.
+template <int NR>
+static void panel_group(const float* xt, int64_t panels, int64_t K, const float* w, int64_t ldw, const float* b,
+                        float* y, int64_t ldy) {
+    int64_t p = 0;
+    for (; p + PANEL_MV <= panels; p += PANEL_MV)
+        panel_tile<PANEL_MV, NR>(xt + p * K * PANEL_ROWS, K, w, ldw, b, y + p * PANEL_ROWS * ldy, ldy);
+    for (; p < panels; ++p) panel_tile<1, NR>(xt + p * K * PANEL_ROWS, K, w, ldw, b, y + p * PANEL_ROWS * ldy, ldy);
+}
+
+// One work item: every row of a segment (rows lo..hi, its full panels packed at xt) against
+// weight rows [n0, n1), NR rows at a time; rows past the last full panel in the dot kernel.
+static void panel_item(const float* x, int64_t ldx, const float* xt, int64_t panels, const float* w,
+                       int64_t ldw, int64_t K, const float* b, float* y, int64_t ldy, int64_t lo, int64_t hi,
+                       int64_t n0, int64_t n1) {
+    float* yp = y + lo * ldy;
+    int64_t n = n0;
+    for (; n + PANEL_NR <= n1; n += PANEL_NR)
+        panel_group<PANEL_NR>(xt, panels, K, w + n * ldw, ldw, b ? b + n : b, yp + n, ldy);
+    for (; n + 4 <= n1; n += 4) panel_group<4>(xt, panels, K, w + n * ldw, ldw, b ? b + n : b, yp + n, ldy);
+    for (; n < n1; ++n) panel_group<1>(xt, panels, K, w + n * ldw, ldw, b ? b + n : b, yp + n, ldy);
+    const int64_t rest = lo + panels * PANEL_ROWS;
+    if (rest < hi) run_block<float>(x, ldx, w, ldw, K, b, y, ldy, rest, hi, n0, n1);
+}
+
+static int grouped_panel(const float* x, int64_t ldx, const float* w, int64_t w_estride, int64_t ldw,
+                         const float* b, int64_t b_estride, float* y, int64_t ldy, int64_t N, int64_t K,
+                         const int64_t* segments, int64_t G, float* scratch, int64_t n_block, int num_threads) {
+    if (N <= 0 || K <= 0 || G < 0 || n_block <= 0 || num_threads <= 0) return 1;
+    std::vector<int64_t> first_panel(G + 1, 0);  // segment g's panels start at first_panel[g]
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t rows = segments[3 * g + 2] - segments[3 * g + 1];
+        if (rows < 0) return 2;
+        first_panel[g + 1] = first_panel[g] + rows / PANEL_ROWS;
+    }
+    const int64_t per_seg = (N + n_block - 1) / n_block;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t g = 0; g < G; ++g)
+            pack_panels(x, ldx, segments[3 * g + 1], first_panel[g + 1] - first_panel[g], K,
+                        scratch + first_panel[g] * K * PANEL_ROWS);
+        // (the implicit barrier: every panel is packed before any tile reads one)
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < G * per_seg; ++it) {
+            const int64_t g = it / per_seg, n0 = (it % per_seg) * n_block;
+            const int64_t e = segments[3 * g];
+            panel_item(x, ldx, scratch + first_panel[g] * K * PANEL_ROWS, first_panel[g + 1] - first_panel[g],
+                       w + e * w_estride, ldw, K, b ? b + e * b_estride : b, y, ldy, segments[3 * g + 1],
+                       segments[3 * g + 2], n0, n0 + n_block < N ? n0 + n_block : N);
+        }
+    }
+    return 0;
+}
+
 template <typename W>
 static int grouped(const float* x, int64_t ldx, const W* w, int64_t w_estride, int64_t ldw, const float* b,
                    int64_t b_estride, float* y, int64_t ldy, int64_t N, int64_t K, const int64_t* segments,
@@ -193,6 +316,17 @@ int ap_grouped_nk_gemm_bf16(const float* x, int64_t ldx, const uint16_t* w, int6
                             int num_threads) {
     return grouped(x, ldx, w, w_estride, ldw, b, b_estride, y, ldy, N, K, segments, G, n_block, m_block,
                    num_threads);
+}
+
+// As ap_grouped_nk_gemm (fp32 weights), for segments with many rows: full 16-row panels of
+// each segment in the outer-product panel kernel, the remaining rows in the dot kernel.
+// scratch: sum over segments of floor(rows / 16) * 16 * K floats, overwritten.
+int ap_grouped_nk_gemm_panel(const float* x, int64_t ldx, const float* w, int64_t w_estride, int64_t ldw,
+                             const float* b, int64_t b_estride, float* y, int64_t ldy, int64_t N, int64_t K,
+                             const int64_t* segments, int64_t G, float* scratch, int64_t n_block,
+                             int num_threads) {
+    return grouped_panel(x, ldx, w, w_estride, ldw, b, b_estride, y, ldy, N, K, segments, G, scratch, n_block,
+                         num_threads);
 }
 
 }  // extern "C"

@@ -1,13 +1,14 @@
-"""The native small-batch GEMM vs torch (BLAS) on MoE expert shapes, against the memory
-and compute rooflines measured in the same run.
+"""The native GEMM kernels (dot-product tiles, and the panel kernel for many rows) vs torch
+(BLAS) on MoE expert shapes, against the memory and compute rooflines measured in the same run.
 
-    python benchmarks/native_gemm.py [--experts 64] [--rows 1,2,4,8,16,32,64,128] [--repeats 7]
+    python benchmarks/native_gemm.py [--experts 64] [--rows 1,2,4,8,16,32,64,128,256,512] [--repeats 7]
                                      [--out benchmarks/results/native_gemm_qwen3-30b-a3b_fp32]
 
 Shapes: Qwen3-30B-A3B experts, gate/up [1536, 2048] and down [2048, 768], fp32, ``--experts``
 distinct matrices per call (64 × 18 MiB = 1.1 GiB ≫ the 32 MiB L3, so every call streams
 weights from DRAM). M rows per expert. torch runs one ``F.linear`` per expert (what a loop over
-active experts does); native runs all experts in one grouped call. Rooflines: a 1 GiB
+active experts does); native (dot) and panel run all experts in one grouped call each (the
+panel kernel takes a segment's full 16-row panels, its other rows go to the dot kernel). Rooflines: a 1 GiB
 ``copy_`` (read + write counted) and a 1 GiB read-only ``sum``, and a 4096³ fp32 matmul.
 Median and p95 over ``--repeats`` calls, the order of implementations alternating.
 """
@@ -62,13 +63,17 @@ def measure(experts: int, rows: list[int], repeats: int) -> list[dict]:
             def ours() -> None:
                 native.grouped_nk_gemm(x_MK, w_ENK, segments, y_MN)
 
+            def panel() -> None:
+                native.grouped_nk_gemm_panel(x_MK, w_ENK, segments, y_MN)
+
             def blas() -> None:
                 for e in range(experts):
                     torch.mm(x_MK[e * m : (e + 1) * m], w_ENK[e].t(), out=y_MN[e * m : (e + 1) * m])
 
-            samples: dict[str, list[float]] = {"native": [], "torch": []}
-            for _ in range(repeats):  # alternate, so drift in the machine hits both alike
+            samples: dict[str, list[float]] = {"native": [], "panel": [], "torch": []}
+            for _ in range(repeats):  # alternate, so drift in the machine hits all alike
                 samples["native"] += timed(ours, 1)
+                samples["panel"] += timed(panel, 1)
                 samples["torch"] += timed(blas, 1)
             for impl, times in samples.items():
                 median = statistics.median(times)
@@ -77,7 +82,7 @@ def measure(experts: int, rows: list[int], repeats: int) -> list[dict]:
                             "GBps": w_ENK.numel() * 4 / median / 1e9,
                             "GFLOPs": 2 * m * w_ENK.numel() / median / 1e9})  # fmt: skip
             print(f"{name} M={m}: " + ", ".join(f"{r['impl']} {r['GBps']:.1f} GB/s {r['GFLOPs']:.0f} GFLOP/s"
-                                                 for r in out[-2:]), flush=True)  # fmt: skip
+                                                 for r in out[-3:]), flush=True)  # fmt: skip
     return out
 
 
@@ -88,22 +93,25 @@ def markdown(command: str, roof: dict, rows: list[dict], experts: int) -> str:
              f"{torch.get_num_threads()} threads; {experts} experts per call",
              f"- roofline measured in this run: copy {roof['copy_GBps']:.1f} GB/s (read + write), "
              f"read-only {roof['read_GBps']:.1f} GB/s, fp32 GEMM {roof['gemm_GFLOPs']:.1f} GFLOP/s", "",
-             "| matrix | rows/expert | native ms (p95) | torch ms (p95) | native GB/s | torch GB/s | native GFLOP/s "
-             "| torch GFLOP/s | native / torch speed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| matrix | rows/expert | native (dot) ms (p95) | panel ms (p95) | torch ms (p95) | dot GB/s "
+             "| panel GB/s | torch GB/s | dot GFLOP/s | panel GFLOP/s | torch GFLOP/s | dot / torch speed "
+             "| panel / torch speed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     by_key = {(r["matrix"], r["rows_per_expert"], r["impl"]): r for r in rows}
     for matrix, m in dict.fromkeys((r["matrix"], r["rows_per_expert"]) for r in rows):
-        a, b = by_key[(matrix, m, "native")], by_key[(matrix, m, "torch")]
-        lines.append(f"| {matrix} | {m} | {a['median_s'] * 1e3:.2f} ({a['p95_s'] * 1e3:.2f}) | "
-                     f"{b['median_s'] * 1e3:.2f} ({b['p95_s'] * 1e3:.2f}) | {a['GBps']:.1f} | {b['GBps']:.1f} | "
-                     f"{a['GFLOPs']:.0f} | {b['GFLOPs']:.0f} | {b['median_s'] / a['median_s']:.2f}x |")  # fmt: skip
+        a, p, b = (by_key[(matrix, m, impl)] for impl in ("native", "panel", "torch"))
+        lines.append(f"| {matrix} | {m} | " + " | ".join(f"{r['median_s'] * 1e3:.2f} ({r['p95_s'] * 1e3:.2f})"
+                                                         for r in (a, p, b))
+                     + " | " + " | ".join(f"{r['GBps']:.1f}" for r in (a, p, b))
+                     + " | " + " | ".join(f"{r['GFLOPs']:.0f}" for r in (a, p, b))
+                     + f" | {b['median_s'] / a['median_s']:.2f}x | {b['median_s'] / p['median_s']:.2f}x |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--rows", default="1,2,4,8,16,32,64,128")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64,128,256,512")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results/native_gemm_qwen3-30b-a3b_fp32")
     args = parser.parse_args()

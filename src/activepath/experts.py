@@ -23,6 +23,7 @@ from . import native
 from ._common import as_parameter
 from ._common import check_choice
 from .dispatch import DispatchPlan
+from .workspace import Workspace
 
 ActivationKind = Literal["silu", "gelu", "gelu_tanh", "clamped_swiglu"]
 _HF_ACTIVATIONS: dict[str, ActivationKind] = {
@@ -141,29 +142,42 @@ def _linear(
 
 
 ExpertsBackend = Callable[[ExpertWeights, torch.Tensor, DispatchPlan], torch.Tensor]
-"""(weights, x_TH, plan) → expert outputs in dispatch order, [S, H], dtype of x_TH."""
+"""(weights, x_TH, plan) → expert outputs in dispatch order, [S, H], dtype of x_TH.
+Backends registered with ``uses_workspace`` also take ``workspace=`` (a ``Workspace`` or
+None): scratch for their intermediates, and for the output, which is then valid only until
+the workspace's next use (the layer combines it straight away)."""
 
 _BACKENDS: dict[str, ExpertsBackend] = {}
 _BATCH_INVARIANT: set[str] = set()
+_USES_WORKSPACE: set[str] = set()
 
 
-def register_backend(name: str, fn: ExpertsBackend, *, batch_invariant: bool = False) -> None:
+def register_backend(
+    name: str, fn: ExpertsBackend, *, batch_invariant: bool = False, uses_workspace: bool = False
+) -> None:
     """Make ``fn`` selectable as ``backend=name``. ``reference`` cannot be replaced.
 
     ``batch_invariant``: each slot's output is bitwise independent of the other slots in
-    the call (so a sequence gives the same result alone or batched).
+    the call (so a sequence gives the same result alone or batched). ``uses_workspace``:
+    ``fn`` accepts a ``workspace=`` keyword (see ``ExpertsBackend``).
     """
     if name == "reference" and "reference" in _BACKENDS:
         raise ValueError("the 'reference' backend is fixed; register yours under another name")
     _BACKENDS[name] = fn
-    _BATCH_INVARIANT.discard(name)
-    if batch_invariant:
-        _BATCH_INVARIANT.add(name)
+    for flag, names in ((batch_invariant, _BATCH_INVARIANT), (uses_workspace, _USES_WORKSPACE)):
+        names.discard(name)
+        if flag:
+            names.add(name)
 
 
 def is_batch_invariant(name: str) -> bool:
     get_backend(name)
     return name in _BATCH_INVARIANT
+
+
+def uses_workspace(name: str) -> bool:
+    get_backend(name)
+    return name in _USES_WORKSPACE
 
 
 def get_backend(name: str) -> ExpertsBackend:
@@ -198,18 +212,20 @@ def _wide_mlp(weights: ExpertWeights, x_1H: torch.Tensor, e: int) -> torch.Tenso
     return y if b_dn is None else y + b_dn.to(acc)
 
 
-def grouped_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+def grouped_experts(
+    weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, *, workspace: Workspace | None = None
+) -> torch.Tensor:
     """Fast path: one gathered activation matrix, one GEMM pair per *active* expert.
 
     Idle experts are never touched; expert weights are read in place (views of the
-    stacked tensors), only activations are gathered. Experts with few tokens run in the
-    native small-batch kernel (one call for all of them) where it applies; the rest use
-    torch's grouped GEMM (one call for all experts) when many experts are active, else a
-    loop over the active experts.
+    stacked tensors), only activations are gathered. Experts with up to
+    ``NATIVE_MAX_ROWS`` tokens run in the native kernels (one call for all of them) where
+    they apply; the rest use torch's grouped GEMM (one call for all experts) when many
+    experts are active, else a loop over the active experts.
     """
-    x_SH = x_TH.index_select(0, plan.token_idx_S)
+    x_SH = _gather(x_TH, plan, workspace)
     if _native_applies(weights, x_SH):
-        return _native_experts(weights, x_SH, plan, batch_invariant=False)
+        return _native_experts(weights, x_SH, plan, batch_invariant=False, workspace=workspace)
     # torch's CPU grouped GEMM visits every expert (an empty matmul and a host sync each),
     # so when few experts are active (decode) the loop over the active ones is cheaper.
     few_active = len(plan.active_experts) * 8 <= weights.num_experts
@@ -229,14 +245,24 @@ NATIVE_MAX_ROWS = 512
 NATIVE_MAX_ROWS_BF16 = 12
 
 
-def native_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+def native_experts(
+    weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, *, workspace: Workspace | None = None
+) -> torch.Tensor:
     """Every active expert in the native kernels: batch-invariant (each output element is
     summed in a fixed order) and fast at any batch. Falls back to ``rowwise`` (also
     batch-invariant) where the kernels do not apply (no compiler, non-fp32, transposed weights)."""
-    x_SH = x_TH.index_select(0, plan.token_idx_S)
+    x_SH = _gather(x_TH, plan, workspace)
     if _native_applies(weights, x_SH):
-        return _native_experts(weights, x_SH, plan, batch_invariant=True)
+        return _native_experts(weights, x_SH, plan, batch_invariant=True, workspace=workspace)
     return rowwise_experts(weights, x_TH, plan)
+
+
+def _gather(x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None) -> torch.Tensor:
+    """Each slot's token row, in dispatch order: [S, H]."""
+    if workspace is None:
+        return x_TH.index_select(0, plan.token_idx_S)
+    x_SH = workspace.empty("x", (plan.token_idx_S.shape[0], x_TH.shape[1]), x_TH.dtype, x_TH.device)
+    return torch.index_select(x_TH, 0, plan.token_idx_S, out=x_SH)
 
 
 def _native_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
@@ -252,7 +278,12 @@ def _native_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
 
 
 def _native_experts(
-    weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan, *, batch_invariant: bool
+    weights: ExpertWeights,
+    x_SH: torch.Tensor,
+    plan: DispatchPlan,
+    *,
+    batch_invariant: bool,
+    workspace: Workspace | None,
 ) -> torch.Tensor:
     """``batch_invariant``: every expert in the dot kernel (fixed summation order per row).
     Otherwise fp32 experts with at least ``native.PANEL_ROWS`` rows take the faster panel
@@ -267,18 +298,47 @@ def _native_experts(
     for e, lo, hi in plan.segments:
         (small if max_rows is None or hi - lo <= max_rows else large).append((e, lo, hi))
     panel = fp32 and not batch_invariant and any(hi - lo >= native.PANEL_ROWS for _, lo, hi in small)
-    gemm = native.grouped_nk_gemm_panel if panel else native.grouped_nk_gemm
+    scratch = workspace or _FRESH
     # The kernels take fp32 activations (bf16 weights are widened in registers).
     x32_SH = x_SH.float()
     b_gate_up, b_down = (None if b is None else b.float() for b in (weights.b_gate_up, weights.b_down))
-    out_SH = torch.empty(x_SH.shape, dtype=torch.float32)
-    gate_up_S2I = x32_SH.new_empty(x_SH.shape[0], 2 * weights.intermediate_size)
-    gemm(x32_SH, weights.w_gate_up, small, gate_up_S2I, b_gate_up)
+    slots, device = x_SH.shape[0], x_SH.device
+    out_SH = scratch.empty("out", (slots, weights.hidden_size), torch.float32, device)
+    gate_up_S2I = scratch.empty("gate_up", (slots, 2 * weights.intermediate_size), torch.float32, device)
+    _gemm(x32_SH, weights.w_gate_up, small, gate_up_S2I, b_gate_up, panel, scratch)
     # Rows of large experts hold garbage until the loop below; the activation is row-local.
-    h_SI = gated_activation(weights.activation, gate_up_S2I).contiguous()
-    gemm(h_SI, weights.w_down, small, out_SH, b_down)
+    h_SI = scratch.empty("h", (slots, weights.intermediate_size), torch.float32, device)
+    _activate_into(weights.activation, gate_up_S2I, h_SI)
+    _gemm(h_SI, weights.w_down, small, out_SH, b_down, panel, scratch)
     out_SH = out_SH.to(x_SH.dtype)
     return _run_segments(weights, x_SH, large, out_SH) if large else out_SH
+
+
+def _gemm(
+    x_MK: torch.Tensor,
+    w_ENK: torch.Tensor,
+    segments: list[tuple[int, int, int]],
+    out_MN: torch.Tensor,
+    bias_EN: torch.Tensor | None,
+    panel: bool,
+    scratch: Workspace,
+) -> None:
+    if not panel:
+        native.grouped_nk_gemm(x_MK, w_ENK, segments, out_MN, bias_EN)
+        return
+    packed = scratch.empty("panels", (native.panel_scratch_numel(segments, x_MK.shape[1]),), torch.float32,
+                           x_MK.device)  # fmt: skip
+    native.grouped_nk_gemm_panel(x_MK, w_ENK, segments, out_MN, bias_EN, scratch=packed)
+
+
+def _activate_into(config: ActivationConfig, gate_up_S2I: torch.Tensor, out_SI: torch.Tensor) -> None:
+    """``out = gated_activation(gate_up)``, clobbering ``gate_up`` (scratch here) so that
+    SiLU — every family but GPT-OSS — allocates no temporary. Same values, same bits."""
+    if config.kind == "silu" and not config.interleaved:
+        gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
+        torch.mul(F.silu(gate_SI, inplace=True), up_SI, out=out_SI)
+    else:
+        out_SI.copy_(gated_activation(config, gate_up_S2I))
 
 
 def grouped_loop_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -335,6 +395,10 @@ def _grouped_mm_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
     return all(n % 16 == 0 for n in row_bytes + pointers)
 
 
+# Fresh buffers for every request: what a backend uses when the caller gives no workspace.
+_FRESH = Workspace(max_bytes=1)
+
+
 def rowwise_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Batch-invariant path: one matrix-vector product per slot.
 
@@ -349,10 +413,10 @@ def rowwise_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
 
 
 register_backend("reference", reference_experts, batch_invariant=True)
-register_backend("grouped", grouped_experts)
+register_backend("grouped", grouped_experts, uses_workspace=True)
 register_backend("grouped_loop", grouped_loop_experts)
 register_backend("rowwise", rowwise_experts, batch_invariant=True)
-register_backend("native", native_experts, batch_invariant=True)
+register_backend("native", native_experts, batch_invariant=True, uses_workspace=True)
 
 
 def _check_shapes(

@@ -13,6 +13,7 @@ from .adapters import OptimizeOptions, adapter_for, supported_model_types
 from .layer import SparseMoE
 from .linears import patch_linears, quantize_linears
 from .models import embedded_path
+from .workspace import Workspace
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -43,6 +44,9 @@ def optimize(model: nn.Module, *, backend: str = "grouped", collect_stats: bool 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, adapter.convert(block, config.get_text_config(), options))
+    workspace = Workspace()  # the layers run one after another: one set of scratch buffers
+    for _, layer in moe_layers(model):
+        layer.workspace = workspace
     if dense_dtype == "int8":
         quantize_linears(model)
     elif native_linears:

@@ -7,6 +7,7 @@ Shape legend: T tokens, H hidden, E experts, K experts per token, S = T*K slots.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +15,10 @@ from torch import nn
 
 from .capacity import CapacityConfig, apply_capacity
 from .combine import combine
-from .dispatch import plan_dispatch
-from .experts import ExpertWeights, get_backend, is_batch_invariant
+from .dispatch import DispatchPlan, plan_dispatch
+from .experts import ExpertWeights, get_backend, is_batch_invariant, uses_workspace
 from .routing import Router, RoutingResult
+from .workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,11 @@ class SparseMoE(nn.Module):
     """Routes each token to its top-k experts and runs only those.
 
     Structural parts (router, expert weights, shared experts) are fixed at construction;
-    ``backend``, ``collect_stats`` and ``capacity`` (None: dropless) are per-call settings
-    that may change at any time. After a call with ``collect_stats=True``, ``last_stats``
-    holds its ``MoEStats``; ``overflow_dropped``/``overflow_rerouted`` count capacity
-    overflows since construction.
+    ``backend``, ``collect_stats``, ``capacity`` (None: dropless) and ``workspace`` (None:
+    fresh buffers every call; ``optimize`` gives all layers of a model one shared
+    ``Workspace``) are per-call settings that may change at any time. After a call with
+    ``collect_stats=True``, ``last_stats`` holds its ``MoEStats``;
+    ``overflow_dropped``/``overflow_rerouted`` count capacity overflows since construction.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class SparseMoE(nn.Module):
         self.collect_stats = collect_stats
         self.last_stats: MoEStats | None = None
         self.capacity: CapacityConfig | None = None
+        self.workspace: Workspace | None = None
         self.register_buffer("overflow_dropped", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("overflow_rerouted", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -122,9 +126,11 @@ class SparseMoE(nn.Module):
         routing_s = clock.lap()
         plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts, kept_TK)
         dispatch_s = clock.lap()
-        out_SH = get_backend(self._backend)(self.experts, x_TH, plan)
-        experts_s = clock.lap()
-        y_TH = combine(out_SH, plan, routing.topk_weights_TK)
+        with self._scratch() as workspace:
+            # The experts' output may live in the workspace: combined before it is released.
+            out_SH = self._experts(x_TH, plan, workspace)
+            experts_s = clock.lap()
+            y_TH = combine(out_SH, plan, routing.topk_weights_TK)
         combine_s = clock.lap()
         if self.shared is not None:
             y_TH = y_TH + self._shared(x_TH)
@@ -132,6 +138,15 @@ class SparseMoE(nn.Module):
         if self.collect_stats:
             self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
         return y_TH.view(x.shape), routing
+
+    def _scratch(self) -> AbstractContextManager[Workspace | None]:
+        return nullcontext() if self.workspace is None else self.workspace.lease()
+
+    def _experts(self, x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None) -> torch.Tensor:
+        backend = get_backend(self._backend)
+        if workspace is not None and uses_workspace(self._backend):
+            return backend(self.experts, x_TH, plan, workspace=workspace)
+        return backend(self.experts, x_TH, plan)
 
     def _apply_capacity(self, routing: RoutingResult) -> tuple[RoutingResult, torch.Tensor]:
         assert self.capacity is not None

@@ -219,6 +219,8 @@ def grouped_nk_gemm_panel(
     segments: torch.Tensor | Sequence[tuple[int, int, int]],
     out_MN: torch.Tensor,
     bias_EN: torch.Tensor | None = None,
+    *,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``grouped_nk_gemm`` for segments with many rows (fp32 weights only): each segment's
     full 16-row panels in the outer-product panel kernel, its last ``rows % 16`` rows in the
@@ -227,6 +229,8 @@ def grouped_nk_gemm_panel(
     Every output element is still summed in a fixed order (one chain over k), but not the
     dot kernel's, and which kernel a row takes depends on its position in its segment: the
     result is deterministic, not batch-invariant. Use ``grouped_nk_gemm`` where that matters.
+    ``scratch``: fp32, contiguous, at least ``panel_scratch_numel`` elements, overwritten
+    (allocated here when None).
     """
     lib = _library()
     if lib is None:
@@ -236,8 +240,13 @@ def grouped_nk_gemm_panel(
         raise TypeError(f"the panel kernel reads float32 weights, got {w_ENK.dtype}")
     flat = _flat_segments(segments, w_ENK.shape[0], x_MK.shape[0])
     _, n, k = w_ENK.shape
-    panels = sum((flat[i + 2] - flat[i + 1]) // PANEL_ROWS for i in range(0, len(flat), 3))
-    scratch = torch.empty(max(panels, 1) * PANEL_ROWS * k, dtype=torch.float32)
+    need = _panel_numel(flat, k)
+    if scratch is None:
+        scratch = torch.empty(need, dtype=torch.float32)
+    elif scratch.dtype != torch.float32 or scratch.device.type != "cpu" or not scratch.is_contiguous():
+        raise TypeError(f"scratch must be a contiguous float32 CPU tensor, got {scratch.dtype} on {scratch.device}")
+    elif scratch.numel() < need:
+        raise ValueError(f"scratch holds {scratch.numel()} floats, these segments need {need}")
     threads = _threads_for(w_ENK.element_size() * n * k * (len(flat) // 3))
     rc = lib.ap_grouped_nk_gemm_panel(
         x_MK.data_ptr(), x_MK.stride(0), w_ENK.data_ptr(), w_ENK.stride(0), w_ENK.stride(1),
@@ -248,6 +257,17 @@ def grouped_nk_gemm_panel(
     if rc != 0:
         raise RuntimeError(f"ap_grouped_nk_gemm_panel failed with code {rc}")
     return out_MN
+
+
+def panel_scratch_numel(segments: Sequence[tuple[int, int, int]], k: int) -> int:
+    """Floats of packed activations ``grouped_nk_gemm_panel`` needs for ``segments`` with
+    K = ``k``: the full 16-row panels of every segment."""
+    return _panel_numel([v for segment in segments for v in segment], k)
+
+
+def _panel_numel(flat: Sequence[int], k: int) -> int:
+    panels = sum((flat[i + 2] - flat[i + 1]) // PANEL_ROWS for i in range(0, len(flat), 3))
+    return max(panels, 1) * PANEL_ROWS * k
 
 
 def linear(

@@ -247,9 +247,10 @@ def test_softmax_topk_breaks_ties_to_the_lower_id() -> None:
 def test_plan_and_combine_match_torch_bitwise(tokens: int, k: int, experts: int) -> None:
     gen = torch.Generator().manual_seed(tokens)
     ids_S = torch.randint(0, experts, (tokens * k,), generator=gen)
-    order, token_idx, sorted_ids, counts_offsets = native.plan_dispatch(ids_S, k, experts)
-    counts, offsets = counts_offsets[:experts], counts_offsets[experts:]
+    order, token_idx, sorted_ids, counts, offsets = native.plan_dispatch(ids_S, k, experts)
     assert offsets.tolist() == [0, *torch.cumsum(counts, 0).tolist()]
+    as_tk = native.plan_dispatch(ids_S.reshape(tokens, k), k, experts)  # a [T, K] view: same plan
+    assert all(torch.equal(a, b) for a, b in zip(as_tk, (order, token_idx, sorted_ids, counts, offsets)))
     want_ids, want_order = torch.sort(ids_S, stable=True)
     assert torch.equal(order, want_order) and torch.equal(sorted_ids, want_ids)
     assert torch.equal(token_idx, want_order // k)

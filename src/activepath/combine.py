@@ -21,12 +21,10 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
     id) — an order that depends only on the token's own routing, so the result does not
     depend on thread scheduling nor on which tokens share the batch.
     """
+    if _native_applies(out_sorted_SH, topk_weights_TK, plan):
+        # Same products, same order, same bits as below, in one call (inputs checked above).
+        return native._combine(out_sorted_SH, topk_weights_TK, plan.order_S, plan.token_idx_S, plan.num_tokens)
     acc = torch.promote_types(out_sorted_SH.dtype, torch.float32)
-    if _native_applies(out_sorted_SH, topk_weights_TK):
-        # Same products, same order, same bits as below, in one call.
-        return native.combine(
-            out_sorted_SH.contiguous(), topk_weights_TK.contiguous(), plan.order_S, plan.token_idx_S, plan.num_tokens
-        )
     w_sorted_S1 = topk_weights_TK.reshape(-1).index_select(0, plan.order_S).to(acc).unsqueeze(1)
     if out_sorted_SH.dtype == acc and not torch.is_grad_enabled():
         weighted_SH = out_sorted_SH.mul_(w_sorted_S1)
@@ -36,12 +34,10 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
     return y_TH.index_add_(0, plan.token_idx_S, weighted_SH).to(out_sorted_SH.dtype)
 
 
-def _native_applies(out_sorted_SH: torch.Tensor, topk_weights_TK: torch.Tensor) -> bool:
+def _native_applies(out_sorted_SH: torch.Tensor, topk_weights_TK: torch.Tensor, plan: DispatchPlan) -> bool:
     return (
-        out_sorted_SH.dtype == torch.float32
-        and topk_weights_TK.dtype == torch.float32
-        and out_sorted_SH.device.type == "cpu"
-        and out_sorted_SH.dim() == 2
+        out_sorted_SH.dim() == 2
         and not torch.is_grad_enabled()
+        and native.combine_inputs_fit(out_sorted_SH, topk_weights_TK, plan.order_S, plan.token_idx_S)
         and native.available()
     )

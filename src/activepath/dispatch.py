@@ -56,9 +56,9 @@ def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Te
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids_TK.shape)}")
     num_tokens, top_k = topk_ids_TK.shape
+    if kept_TK is None and _native_plan_applies(topk_ids_TK):
+        return _native_plan(topk_ids_TK, num_experts)
     ids_S = topk_ids_TK.reshape(-1)
-    if kept_TK is None and ids_S.dtype == torch.int64 and ids_S.device.type == "cpu" and native.available():
-        return _native_plan(ids_S, num_experts, num_tokens, top_k)
     bins = num_experts
     if kept_TK is not None:
         _check_in_range(ids_S, num_experts)
@@ -81,17 +81,26 @@ def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Te
     )
 
 
-def _native_plan(ids_S: torch.Tensor, num_experts: int, num_tokens: int, top_k: int) -> DispatchPlan:
+def _native_plan_applies(topk_ids_TK: torch.Tensor) -> bool:
+    return (
+        topk_ids_TK.dtype == torch.int64
+        and topk_ids_TK.device.type == "cpu"
+        and topk_ids_TK.is_contiguous()
+        and native.available()
+    )
+
+
+def _native_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
     # One counting sort in native code: the same stable order as torch.sort(stable=True).
-    order_S, token_idx_S, expert_ids_S, counts_offsets = native.plan_dispatch(ids_S, top_k, num_experts)
-    host = counts_offsets.tolist()  # counts then offsets: one host copy for both
+    num_tokens, top_k = topk_ids_TK.shape
+    order_S, token_idx_S, expert_ids_S, counts_E, offsets_E1 = native.plan_dispatch(topk_ids_TK, top_k, num_experts)
     return DispatchPlan(
         order_S=order_S,
         token_idx_S=token_idx_S,
         expert_ids_S=expert_ids_S,
-        counts_E=counts_offsets[:num_experts],
-        counts=tuple(host[:num_experts]),
-        offsets=tuple(host[num_experts:]),
+        counts_E=counts_E,
+        counts=tuple(counts_E.tolist()),
+        offsets=tuple(offsets_E1.tolist()),
         num_tokens=num_tokens,
         top_k=top_k,
     )

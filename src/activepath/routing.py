@@ -127,7 +127,8 @@ def route(
     so choices are a pure function of each token's own row (deterministic, batch-invariant).
     """
     if _fused_native_router_applies(config, x_TH, weight_EH, bias_E, correction_bias_E):
-        topk_ids_TK, weights_TK, logits_TE = native.route_softmax_topk(
+        # Inputs checked by the line above: the unchecked entry point.
+        topk_ids_TK, weights_TK, logits_TE = native._route_softmax_topk(
             x_TH, weight_EH, bias_E, config.top_k, normalize=config.normalize_topk, scale=config.routed_scaling_factor
         )
         return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
@@ -179,14 +180,8 @@ def _fused_native_router_applies(
     """fp32 softmax routing on CPU without autograd: logits and top-k in one native call."""
     return (
         _plain_softmax_topk(config, correction_bias_E)
-        and x_TH.dtype == torch.float32
-        and weight_EH.dtype == torch.float32
-        and (bias_E is None or bias_E.dtype == torch.float32)
         and x_TH.shape[0] > 0
-        and x_TH.device.type == "cpu"
-        and weight_EH.device.type == "cpu"
-        and x_TH.is_contiguous()
-        and weight_EH.is_contiguous()
+        and native.router_inputs_fit(x_TH, weight_EH, bias_E)
         and not (torch.is_grad_enabled() and (x_TH.requires_grad or weight_EH.requires_grad))
         and native.available()
     )

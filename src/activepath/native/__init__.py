@@ -143,7 +143,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ap_softmax_topk": [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr],
         "ap_route_softmax_topk": [ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr, ptr,
                                   i64, i64, ctypes.c_int],
-        "ap_plan_dispatch": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr],
+        "ap_plan_dispatch": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr],
         "ap_combine": [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int],
     }
     for name, argtypes in glue.items():
@@ -367,9 +367,27 @@ def route_softmax_topk(
     """The softmax router in one call: logits = x @ weight.T (+ bias) by the native GEMM,
     then ``softmax_topk``. All fp32 CPU, ``x`` and ``weight`` with contiguous rows.
     Returns (ids [T, K], weights [T, K], logits [T, E])."""
-    for name, t in (("x", x_TH), ("weight", weight_EH), ("bias", bias_E)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
-            raise TypeError(f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device}")
+    if not router_inputs_fit(x_TH, weight_EH, bias_E):
+        raise TypeError(f"x, weight and bias must be contiguous float32 CPU tensors, got x {x_TH.dtype} on "
+                        f"{x_TH.device}, weight {weight_EH.dtype} on {weight_EH.device}")  # fmt: skip
+    return _route_softmax_topk(x_TH, weight_EH, bias_E, k, normalize=normalize, scale=scale)
+
+
+def router_inputs_fit(x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
+    """The dtype/device/layout conditions of ``route_softmax_topk``; callers that checked
+    them (``routing.route``) call ``_route_softmax_topk`` and skip a second check."""
+    # One flat expression, not a loop: this runs once per layer per decode step, on cold caches.
+    return (
+        x_TH.dtype == weight_EH.dtype == torch.float32
+        and x_TH.device.type == weight_EH.device.type == "cpu"
+        and x_TH.is_contiguous() and weight_EH.is_contiguous()
+        and (bias_E is None or (bias_E.dtype == torch.float32 and bias_E.device.type == "cpu" and bias_E.is_contiguous()))
+    )  # fmt: skip
+
+
+def _route_softmax_topk(
+    x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Tensor | None, k: int, *, normalize: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_tokens, hidden = x_TH.shape
     num_experts = weight_EH.shape[0]
     if weight_EH.shape != (num_experts, hidden) or (bias_E is not None and bias_E.shape != (num_experts,)):
@@ -386,25 +404,27 @@ def route_softmax_topk(
     return ids_TK, weights_TK, logits_TE
 
 
-def plan_dispatch(ids_S: torch.Tensor, top_k: int, num_experts: int) -> tuple[torch.Tensor, ...]:
-    """Stable counting sort of slot ids (int64, [S], each in [0, E)) by expert: (order_S,
-    token_idx_S, sorted_ids_S, counts_and_offsets) where the last is counts [E] followed by
-    offsets [E + 1] (one tensor, so the caller copies both to the host at once).
+def plan_dispatch(ids: torch.Tensor, top_k: int, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """Stable counting sort of slot ids (int64, contiguous, any shape — [T, K] or [S] — each
+    in [0, E)) by expert: (order_S, token_idx_S, sorted_ids_S, counts_E, offsets_E1).
     Out-of-range ids raise ValueError."""
-    if ids_S.dtype != torch.int64 or ids_S.dim() != 1 or ids_S.device.type != "cpu":
-        raise TypeError(f"ids must be a 1-D int64 CPU tensor, got {ids_S.dtype} {tuple(ids_S.shape)}")
-    ids_S = ids_S.contiguous()
-    num_slots = ids_S.shape[0]
-    # One allocation for all four outputs (pointer offsets, not tensor indexing: this runs
-    # once per layer per step, where every small op counts).
-    out = torch.empty(3 * num_slots + 2 * num_experts + 1, dtype=torch.int64)
-    base = out.data_ptr()
+    if ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous():
+        raise TypeError(f"ids must be a contiguous int64 CPU tensor, got {ids.dtype} on {ids.device}")
+    num_slots = ids.numel()
+    # Five plain allocations, not views of one: at decode this runs right after the experts
+    # streamed their weights through the caches, where the first view op (split, slice)
+    # measured 15-20 us and a further torch.empty 1-2 us.
+    order_S = torch.empty(num_slots, dtype=torch.int64)
+    token_idx_S = torch.empty(num_slots, dtype=torch.int64)
+    sorted_ids_S = torch.empty(num_slots, dtype=torch.int64)
+    counts_E = torch.empty(num_experts, dtype=torch.int64)
+    offsets_E1 = torch.empty(num_experts + 1, dtype=torch.int64)
     try:
-        _call("ap_plan_dispatch", ids_S.data_ptr(), num_slots, top_k, num_experts, base, base + 8 * num_slots,
-              base + 16 * num_slots, base + 24 * num_slots)  # fmt: skip
+        _call("ap_plan_dispatch", ids.data_ptr(), num_slots, top_k, num_experts, order_S.data_ptr(),
+              token_idx_S.data_ptr(), sorted_ids_S.data_ptr(), counts_E.data_ptr(), offsets_E1.data_ptr())  # fmt: skip
     except ValueError:
-        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids_S.min().item()}..{ids_S.max().item()}") from None
-    return out.split((num_slots, num_slots, num_slots, 2 * num_experts + 1))
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids.min().item()}..{ids.max().item()}") from None
+    return order_S, token_idx_S, sorted_ids_S, counts_E, offsets_E1
 
 
 def combine(
@@ -412,10 +432,29 @@ def combine(
 ) -> torch.Tensor:
     """``y[t] = sum over sorted slots j of token t, in order, of out[j] * w[order[j]]``, fp32,
     each product rounded before its add (no FMA)."""
-    tensors = (out_SH, weights_TK, order_S, token_idx_S)
-    dtypes = (torch.float32, torch.float32, torch.int64, torch.int64)
-    if any(t.dtype != d or t.device.type != "cpu" or not t.is_contiguous() for t, d in zip(tensors, dtypes)):
+    if not combine_inputs_fit(out_SH, weights_TK, order_S, token_idx_S):
         raise TypeError("combine needs contiguous CPU tensors: out/weights float32, order/token_idx int64")
+    return _combine(out_SH, weights_TK, order_S, token_idx_S, num_tokens)
+
+
+def combine_inputs_fit(
+    out_SH: torch.Tensor, weights_TK: torch.Tensor, order_S: torch.Tensor, token_idx_S: torch.Tensor
+) -> bool:
+    """The dtype/device/layout conditions of ``combine``; callers that checked them
+    (``combine.combine``) call ``_combine`` and skip a second check."""
+    # One flat expression, not a loop over the four: this runs once per layer per decode step.
+    return (
+        out_SH.dtype == weights_TK.dtype == torch.float32
+        and order_S.dtype == token_idx_S.dtype == torch.int64
+        and out_SH.device.type == weights_TK.device.type == order_S.device.type == token_idx_S.device.type == "cpu"
+        and out_SH.is_contiguous() and weights_TK.is_contiguous()
+        and order_S.is_contiguous() and token_idx_S.is_contiguous()
+    )  # fmt: skip
+
+
+def _combine(
+    out_SH: torch.Tensor, weights_TK: torch.Tensor, order_S: torch.Tensor, token_idx_S: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     num_slots, hidden = out_SH.shape
     if order_S.shape != (num_slots,) or token_idx_S.shape != (num_slots,):
         raise ValueError(f"order and token_idx must be [{num_slots}], got {tuple(order_S.shape)}, {tuple(token_idx_S.shape)}")

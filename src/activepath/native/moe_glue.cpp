@@ -79,11 +79,10 @@ int ap_softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, int no
 }
 
 // Dispatch plan: slots s = t * K + k sorted by expert, stably (token order inside an
-// expert). ids [S] in [0, E) → order [S], token_idx [S], sorted_ids [S], counts [E] and,
-// right after counts, offsets [E + 1] (expert e owns sorted positions offsets[e]..offsets[e+1]).
+// expert). ids [S] in [0, E) → order [S], token_idx [S], sorted_ids [S], counts [E] and
+// offsets [E + 1] (expert e owns sorted positions offsets[e]..offsets[e+1]).
 int ap_plan_dispatch(const int64_t* ids, int64_t S, int64_t K, int64_t E, int64_t* order,
-                     int64_t* token_idx, int64_t* sorted_ids, int64_t* counts) {
-    int64_t* offsets = counts + E;
+                     int64_t* token_idx, int64_t* sorted_ids, int64_t* counts, int64_t* offsets) {
     if (S < 0 || K <= 0 || E <= 0) return 1;
     for (int64_t e = 0; e < E; ++e) counts[e] = 0;
     for (int64_t s = 0; s < S; ++s) {

@@ -207,6 +207,22 @@ def test_linear_patch_panel_path_for_many_rows_of_a_wide_layer() -> None:
         assert torch.equal(wide(x), native.linear(x, wide.weight, wide.bias, panel=True))
 
 
+@needs_native
+def test_set_enabled_turns_the_kernels_off_and_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(native._state, "enabled", True)  # restored after the test
+    native.set_enabled(False)
+    assert not native.available() and "set_enabled" in native.unavailable_reason()
+    x = torch.randn(3, 8)
+    layer = torch.nn.Linear(8, 5)
+    patch_linears(torch.nn.Sequential(layer), min_weight_bytes=0)  # patches nothing while off
+    assert not layer.__dict__.get("_activepath_patched", False)
+    native.set_enabled(True)
+    assert native.available() and native.unavailable_reason() is None
+    torch.testing.assert_close(native.linear(x, layer.weight.detach()), x @ layer.weight.detach().T)
+    with pytest.raises(TypeError, match="bool"):
+        native.set_enabled(0)
+
+
 def test_disabled_by_environment_falls_back() -> None:
     code = (
         "import torch; from activepath import native; from activepath.experts import get_backend;"

@@ -195,8 +195,14 @@ def test_out_overlapping_an_input_is_refused() -> None:
         grouped_nk_gemm_i8(x_MK, q_ENK, scale_EN, [(0, 0, 4)], x_MK)
 
 
+def _disable_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``native.set_enabled(False)`` until the test ends (the environment is read only once)."""
+    native.available()  # settle the initial state first, so undo restores it
+    monkeypatch.setitem(native._state, "enabled", False)
+
+
 def test_unavailable_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ACTIVEPATH_NATIVE", "0")
+    _disable_native(monkeypatch)
     assert not native_int8.available()
     with pytest.raises(RuntimeError, match="not available"):
         linear_i8(torch.randn(1, 4), torch.zeros(2, 4, dtype=torch.int8), torch.ones(2))
@@ -313,7 +319,7 @@ def test_fallback_without_native_kernels(act: str, monkeypatch: pytest.MonkeyPat
     expected = _dequantized_reference(weights, x_SH, segments)
     with torch.no_grad():
         native_out = weights.run_segments(x_SH, segments) if native_int8.available() else None
-        monkeypatch.setenv("ACTIVEPATH_NATIVE", "0")
+        _disable_native(monkeypatch)
         assert not native_int8.available()
         fallback = weights.run_segments(x_SH, segments)  # fbgemm: activations quantized too
     scale = expected.abs().max()

@@ -57,6 +57,15 @@ def disabled_by_env() -> bool:
 _OFF = ("0", "false", "no", "off")
 
 
+def set_enabled(enabled: bool) -> None:
+    """Turn the native kernels on or off for this process (callers fall back to PyTorch).
+    ``ACTIVEPATH_NATIVE=0`` in the environment sets the initial state; it is read once, at
+    first use, not on every call (this check runs several times per layer per decode step)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _state["enabled"] = enabled
+
+
 def available() -> bool:
     """True when the kernels are built (building them now if needed) and enabled."""
     return _library() is not None
@@ -64,19 +73,22 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     """Why ``available()`` is False (None when it is True)."""
-    _library()
-    return _state.get("reason")  # type: ignore[return-value]
+    return None if _library() is not None else _state.get("reason")  # type: ignore[return-value]
 
 
 def _library() -> ctypes.CDLL | None:
-    if disabled_by_env():
-        _state["reason"] = "disabled by ACTIVEPATH_NATIVE=0"
+    lib = _state.get("lib")
+    if lib is not None and _state["enabled"]:  # the hot path: two dict lookups
+        return lib  # type: ignore[return-value]
+    if "enabled" not in _state:
+        _state["enabled"] = not disabled_by_env()
+    if not _state["enabled"]:
+        _state["reason"] = "disabled by ACTIVEPATH_NATIVE=0 or native.set_enabled(False)"
         return None
-    if "lib" in _state:  # the hot path: no lock once loaded (or once known unavailable)
-        return _state["lib"]  # type: ignore[return-value]
-    with _lock:
-        if "lib" not in _state:
-            _state["lib"] = _load()
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
     return _state["lib"]  # type: ignore[return-value]
 
 

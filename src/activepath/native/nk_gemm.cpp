@@ -16,9 +16,12 @@
 //
 // Parallelism: OpenMP, linked against the libgomp that torch itself loaded (same soname),
 // so torch's thread pool is reused instead of a second one competing for the cores.
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include <omp.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -264,7 +267,17 @@ static int grouped_panel(const float* x, int64_t ldx, const float* w, int64_t w_
         if (rows < 0) return 2;
         first_panel[g + 1] = first_panel[g] + rows / PANEL_ROWS;
     }
+    // Work items of segments with full panels are compute-bound; the others (a few rows, the
+    // dot kernel) are bandwidth-bound. Two queues, and even threads drain the compute queue
+    // first, odd threads the bandwidth queue: while one thread computes the other streams
+    // weights, instead of both waiting on the same resource. Each item writes its own part
+    // of y whichever thread runs it, so the result does not depend on the schedule.
     const int64_t per_seg = (N + n_block - 1) / n_block;
+    std::vector<int64_t> queues[2];  // [0]: compute-bound items, [1]: bandwidth-bound
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t nb = 0; nb < per_seg; ++nb)
+            queues[first_panel[g + 1] > first_panel[g] ? 0 : 1].push_back(g * per_seg + nb);
+    std::atomic<size_t> next[2] = {{0}, {0}};
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(dynamic, 1)
@@ -272,13 +285,16 @@ static int grouped_panel(const float* x, int64_t ldx, const float* w, int64_t w_
             pack_panels(x, ldx, segments[3 * g + 1], first_panel[g + 1] - first_panel[g], K,
                         scratch + first_panel[g] * K * PANEL_ROWS);
         // (the implicit barrier: every panel is packed before any tile reads one)
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < G * per_seg; ++it) {
-            const int64_t g = it / per_seg, n0 = (it % per_seg) * n_block;
-            const int64_t e = segments[3 * g];
-            panel_item(x, ldx, scratch + first_panel[g] * K * PANEL_ROWS, first_panel[g + 1] - first_panel[g],
-                       w + e * w_estride, ldw, K, b ? b + e * b_estride : b, y, ldy, segments[3 * g + 1],
-                       segments[3 * g + 2], n0, n0 + n_block < N ? n0 + n_block : N);
+        const int mine = omp_get_thread_num() % 2;
+        for (int q : {mine, 1 - mine}) {
+            for (size_t i; (i = next[q].fetch_add(1)) < queues[q].size();) {
+                const int64_t it = queues[q][i];
+                const int64_t g = it / per_seg, n0 = (it % per_seg) * n_block;
+                const int64_t e = segments[3 * g];
+                panel_item(x, ldx, scratch + first_panel[g] * K * PANEL_ROWS, first_panel[g + 1] - first_panel[g],
+                           w + e * w_estride, ldw, K, b ? b + e * b_estride : b, y, ldy, segments[3 * g + 1],
+                           segments[3 * g + 2], n0, n0 + n_block < N ? n0 + n_block : N);
+            }
         }
     }
     return 0;

@@ -22,7 +22,8 @@ GEN_FIELDS = {"impl", "experts_implementation", "ttft", "prefill_tok_s", "decode
               "decode_bytes_per_step_mean", "decode_achieved_GBps", "decode_roofline_pct", "kv_bytes_measured",
               "energy_prefill_J_per_token", "energy_decode_J_per_token", "energy_estimated", "energy_method",
               "tokens_per_expert_by_layer", "load_by_layer", "generated_sha256", "same_tokens_as_first_impl",
-              "decode_samples_s"}
+              "decode_samples_s", "decode_median_ms_by_prompt", "decode_p95_over_p50_by_prompt",
+              "decode_roofline_pct_by_prompt"}
 TIMING_FIELDS = {"n", "mean_s", "median_s", "p95_s", "p99_s", "min_s", "max_s"}
 
 
@@ -86,6 +87,19 @@ def test_json_generate_fields(all_report):
         assert sum(r["tokens_per_expert_by_layer"][0]) == 2 * (8 + 3) * 4
     assert gen["rows"][1]["same_tokens_as_first_impl"] is True
     assert any("ESTIMATED" in n for n in doc["notes"])
+    # per prompt: bandwidth re-measured before each of the 2 rounds, and the figures per impl
+    assert len(gen["prompt_bandwidth_GBps"]) == 2 and all(b > 0 for b in gen["prompt_bandwidth_GBps"])
+    for r in gen["rows"]:
+        assert len(r["decode_median_ms_by_prompt"]) == len(r["decode_roofline_pct_by_prompt"]) == 2
+        assert all(t >= 1.0 for t in r["decode_p95_over_p50_by_prompt"])
+        samples = r["decode_samples_s"]
+        assert r["decode_median_ms_by_prompt"][0] == pytest.approx(1e3 * sorted(samples[:3])[1])
+
+
+def test_markdown_has_the_per_prompt_table(all_report):
+    out, _ = all_report
+    md = out.with_suffix(".md").read_text()
+    assert "### Decode per prompt" in md and "% of that prompt's roofline" in md
 
 
 def test_layer_subcommand_as_user_runs_it(tmp_path):

@@ -268,6 +268,10 @@ def _generate_notes(gen: dict[str, Any] | None) -> list[str]:
         out.append("generate: some impls generated different tokens than the first (numerics differ)")
     if any(not r["kv_bytes_measured"] for r in rows):
         out.append("generate: KV cache bytes could not be read; decode bytes exclude them")
+    bw = gen.get("prompt_bandwidth_GBps") or []
+    if bw and max(bw) > (1 + _BANDWIDTH_DRIFT) * min(bw):
+        out.append(f"generate: copy bandwidth differed between prompts ({min(bw):.1f}-{max(bw):.1f} GB/s): overall "
+                   "p95/p50 and % of roofline mix those states; see the per-prompt table")  # fmt: skip
     n = min(r["decode"]["n"] for r in rows)
     if n < 100:
         out.append(f"generate: {n} decode samples per impl: p99 is close to the max")

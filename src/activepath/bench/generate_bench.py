@@ -92,6 +92,11 @@ class GenerateRow:
     generated_sha256: str
     same_tokens_as_first_impl: bool | None
     decode_samples_s: list[float]
+    # Per prompt (the host's bandwidth drifts between prompts): median step ms, p95/p50, and
+    # % of the copy bandwidth measured just before that prompt's round (None: not measured).
+    decode_median_ms_by_prompt: list[float] = field(default_factory=list)
+    decode_p95_over_p50_by_prompt: list[float] = field(default_factory=list)
+    decode_roofline_pct_by_prompt: list[float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +108,7 @@ class GenerateBenchResult:
     model_bytes: ModelBytes
     method: str
     rows: list[GenerateRow] = field(default_factory=list)
+    prompt_bandwidth_GBps: list[float] | None = None
 
 
 @dataclass
@@ -155,7 +161,13 @@ def run_generate_bench(
     step_bytes: dict[str, ModelBytes] = {}
     # Round-robin over impls for every prompt, so slow drift in the machine's state
     # (other load, thermal, memory) lands on every impl alike rather than on whichever ran last.
+    # The bandwidth is re-measured before each round: on a shared host it moves by up to
+    # 1.7x within minutes, and a step's % of roofline is only meaningful against the
+    # bandwidth of its own moment.
+    prompt_bw: list[float] | None = [] if roofline is not None else None
     for prompt in prompts:
+        if prompt_bw is not None:
+            prompt_bw.append(_bandwidth_now(roofline, device))
         for impl in config.impls:
             bar.set_postfix_str(impl)
             with _prepared(model, impl, default_impl, config.backend, mbytes) as (tap, label_, bytes_):
@@ -165,12 +177,22 @@ def run_generate_bench(
     rows: list[GenerateRow] = []
     for impl in config.impls:
         first = rows[0] if rows else None
-        rows.append(_row(impl, resolved[impl], traces[impl], config, step_bytes[impl], roofline, first))
+        rows.append(_row(impl, resolved[impl], traces[impl], config, step_bytes[impl], roofline, first, prompt_bw))
     bar.close()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return GenerateBenchResult(model=label, dtype=dtype, num_layers=model.config.num_hidden_layers,
                                moe_layers=len(mbytes.expert_bytes_by_layer), model_bytes=mbytes,
-                               method=_method_text(config), rows=rows)
+                               method=_method_text(config), rows=rows, prompt_bandwidth_GBps=prompt_bw)
+
+
+def _bandwidth_now(roofline: Roofline, device: str) -> float:
+    import gc
+
+    from .roofline import RooflineConfig, measure_bandwidth
+
+    gc.collect()
+    config = RooflineConfig(copy_bytes=roofline.copy_bytes, gemm_n=roofline.gemm_n, repeats=roofline.repeats)
+    return measure_bandwidth(config, device)
 
 
 def _prompt(vocab: int, config: GenerateConfig, seed: int, device: str) -> torch.Tensor:
@@ -333,7 +355,7 @@ def _kv_bytes(cache: object) -> int | None:
 
 def _row(
     impl: str, resolved: str, trace: _Trace, config: GenerateConfig, mbytes: ModelBytes,
-    roofline: Roofline | None, first: GenerateRow | None,
+    roofline: Roofline | None, first: GenerateRow | None, prompt_bw: list[float] | None,
 ) -> GenerateRow:
     ttft, decode = summarize(trace.ttft_s), summarize(trace.step_s)
     bytes_mean = sum(trace.step_bytes) / len(trace.step_bytes)
@@ -355,7 +377,22 @@ def _row(
         tokens_per_expert_by_layer=[c.tolist() for c in counts], load_by_layer=[expert_load(c) for c in counts],
         generated_sha256=sha, same_tokens_as_first_impl=None if first is None else sha == first.generated_sha256,
         decode_samples_s=trace.step_s,
+        **_by_prompt(trace, config.new - 1, prompt_bw),
     )
+
+
+def _by_prompt(trace: _Trace, steps: int, prompt_bw: list[float] | None) -> dict[str, list[float] | None]:
+    """Per-prompt decode figures: each generation appended ``steps`` samples in prompt order."""
+    medians, tails, pcts = [], [], []
+    for r in range(len(trace.step_s) // steps):
+        chunk = summarize(trace.step_s[r * steps : (r + 1) * steps])
+        medians.append(chunk.median_s * 1e3)
+        tails.append(chunk.p95_s / chunk.median_s)
+        if prompt_bw:
+            step_bytes = trace.step_bytes[r * steps : (r + 1) * steps]
+            pcts.append(100 * sum(step_bytes) / len(step_bytes) / chunk.median_s / 1e9 / prompt_bw[r])
+    return {"decode_median_ms_by_prompt": medians, "decode_p95_over_p50_by_prompt": tails,
+            "decode_roofline_pct_by_prompt": pcts if prompt_bw else None}
 
 
 def _per_token(joules: list[float], tokens: int) -> float | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,31 @@ def _generate_md(gen: dict[str, Any]) -> list[str]:
             f"| {_num(row['energy_prefill_J_per_token'], 4)}{est} | {_same(row['same_tokens_as_first_impl'])} |"
         )
     lines += ["", f"Energy: {gen['rows'][0]['energy_method']}.", ""]
-    return lines + _utilisation_md(gen["rows"][0])
+    return lines + _by_prompt_md(gen) + _utilisation_md(gen["rows"][0])
+
+
+def _by_prompt_md(gen: dict[str, Any]) -> list[str]:
+    """Decode per prompt: median, p95/p50 within the prompt, and % of the bandwidth measured
+    just before that prompt's round (the host's bandwidth drifts between prompts)."""
+    bw = gen.get("prompt_bandwidth_GBps")
+    rows = [r for r in gen["rows"] if r.get("decode_median_ms_by_prompt")]
+    if not rows:
+        return []
+    prompts = len(rows[0]["decode_median_ms_by_prompt"])
+    head = " | ".join(f"prompt {i + 1}" for i in range(prompts))
+    lines = ["### Decode per prompt", "",
+             "Copy bandwidth measured before each prompt's round: "
+             + (", ".join(f"{b:.1f}" for b in bw) + " GB/s." if bw else "not measured."), "",
+             f"| impl | figure | {head} | median over prompts |", "|---|---|" + "---:|" * (prompts + 1)]  # fmt: skip
+    for row in rows:
+        figures = [("median ms", row["decode_median_ms_by_prompt"], 2),
+                   ("p95 / p50", row["decode_p95_over_p50_by_prompt"], 2),
+                   ("% of that prompt's roofline", row.get("decode_roofline_pct_by_prompt"), 1)]  # fmt: skip
+        for name, values, digits in figures:
+            if values:
+                cells = " | ".join(f"{v:.{digits}f}" for v in values)
+                lines.append(f"| {row['impl']} | {name} | {cells} | {statistics.median(values):.{digits}f} |")
+    return lines + [""]
 
 
 def _utilisation_md(row: dict[str, Any]) -> list[str]:

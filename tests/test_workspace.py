@@ -85,6 +85,7 @@ def test_layers_give_the_same_bits_with_and_without_a_workspace(family: str, bac
 
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr("activepath.workspace.MIN_REUSE_BYTES", 0)
+        mp.setattr("activepath.layer.MIN_REUSE_BYTES", 0)
         with_ws = [run(), run()]
         held = layers[0].workspace.nbytes
         run()

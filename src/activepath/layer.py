@@ -18,7 +18,7 @@ from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
 from .experts import ExpertWeights, get_backend, is_batch_invariant, uses_workspace
 from .routing import Router, RoutingResult
-from .workspace import Workspace
+from .workspace import MIN_REUSE_BYTES, Workspace
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class SparseMoE(nn.Module):
         routing_s = clock.lap()
         plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts, kept_TK)
         dispatch_s = clock.lap()
-        with self._scratch() as workspace:
+        with self._scratch(plan) as workspace:
             # The experts' output may live in the workspace: combined before it is released.
             out_SH = self._experts(x_TH, plan, workspace)
             experts_s = clock.lap()
@@ -139,8 +139,13 @@ class SparseMoE(nn.Module):
             self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
         return y_TH.view(x.shape), routing
 
-    def _scratch(self) -> AbstractContextManager[Workspace | None]:
-        return nullcontext() if self.workspace is None else self.workspace.lease()
+    def _scratch(self, plan: DispatchPlan) -> AbstractContextManager[Workspace | None]:
+        # Decode-sized calls never reach the workspace's reuse threshold: skip the lease (a
+        # lock and an object) that would run once per layer per step on cold caches.
+        slots_bytes = plan.order_S.shape[0] * self.experts.hidden_size * 4
+        if self.workspace is None or slots_bytes < MIN_REUSE_BYTES:
+            return _NO_WORKSPACE
+        return self.workspace.lease()
 
     def _experts(self, x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None) -> torch.Tensor:
         backend = get_backend(self._backend)
@@ -168,6 +173,9 @@ class SparseMoE(nn.Module):
             )
         if x.dtype != self.experts.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's {self.experts.dtype}")
+
+
+_NO_WORKSPACE: AbstractContextManager[None] = nullcontext()  # reusable: enter/exit hold no state
 
 
 class _NoClock:

@@ -60,6 +60,8 @@ def test_a_held_workspace_lends_fresh_buffers_to_a_second_caller() -> None:
         assert seen[0].nbytes == 0  # the stand-in keeps nothing
     with ws.lease() as again:  # released: the next call gets it back
         assert again is ws
+    with ws.lease(MIN_REUSE_BYTES - 1) as small:  # nothing that size is ever reused: no lease
+        assert small is None
 
 
 def test_backends_that_take_a_workspace() -> None:
@@ -85,7 +87,6 @@ def test_layers_give_the_same_bits_with_and_without_a_workspace(family: str, bac
 
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr("activepath.workspace.MIN_REUSE_BYTES", 0)
-        mp.setattr("activepath.layer.MIN_REUSE_BYTES", 0)
         with_ws = [run(), run()]
         held = layers[0].workspace.nbytes
         run()

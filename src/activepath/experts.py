@@ -23,7 +23,7 @@ from . import native
 from ._common import as_parameter
 from ._common import check_choice
 from .dispatch import DispatchPlan
-from .workspace import Workspace
+from .workspace import FRESH, Workspace
 
 ActivationKind = Literal["silu", "gelu", "gelu_tanh", "clamped_swiglu"]
 _HF_ACTIVATIONS: dict[str, ActivationKind] = {
@@ -298,7 +298,7 @@ def _native_experts(
     for e, lo, hi in plan.segments:
         (small if max_rows is None or hi - lo <= max_rows else large).append((e, lo, hi))
     panel = fp32 and not batch_invariant and any(hi - lo >= native.PANEL_ROWS for _, lo, hi in small)
-    scratch = workspace or _FRESH
+    scratch = workspace or FRESH
     # The kernels take fp32 activations (bf16 weights are widened in registers).
     x32_SH = x_SH.float()
     b_gate_up, b_down = (None if b is None else b.float() for b in (weights.b_gate_up, weights.b_down))
@@ -393,10 +393,6 @@ def _grouped_mm_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
     row_bytes = (weights.hidden_size * x_SH.element_size(), weights.intermediate_size * x_SH.element_size())
     pointers = (x_SH.data_ptr(), weights.w_gate_up.data_ptr(), weights.w_down.data_ptr())
     return all(n % 16 == 0 for n in row_bytes + pointers)
-
-
-# Fresh buffers for every request: what a backend uses when the caller gives no workspace.
-_FRESH = Workspace(max_bytes=1)
 
 
 def rowwise_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -7,7 +7,7 @@ Shape legend: T tokens, H hidden, E experts, K experts per token, S = T*K slots.
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,7 @@ from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
 from .experts import ExpertWeights, get_backend, is_batch_invariant, uses_workspace
 from .routing import Router, RoutingResult
-from .workspace import MIN_REUSE_BYTES, Workspace
+from .workspace import NO_LEASE, Workspace
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,11 @@ class SparseMoE(nn.Module):
         return y_TH.view(x.shape), routing
 
     def _scratch(self, plan: DispatchPlan) -> AbstractContextManager[Workspace | None]:
-        # Decode-sized calls never reach the workspace's reuse threshold: skip the lease (a
-        # lock and an object) that would run once per layer per step on cold caches.
-        slots_bytes = plan.order_S.shape[0] * self.experts.hidden_size * 4
-        if self.workspace is None or slots_bytes < MIN_REUSE_BYTES:
-            return _NO_WORKSPACE
-        return self.workspace.lease()
+        if self.workspace is None:
+            return NO_LEASE
+        # The largest request: the fp32 expert outputs, [S, H]. At decode sizes the lease
+        # (a lock and an object, once per layer per step) is skipped.
+        return self.workspace.lease(plan.order_S.shape[0] * self.experts.hidden_size * 4)
 
     def _experts(self, x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None) -> torch.Tensor:
         backend = get_backend(self._backend)
@@ -173,9 +172,6 @@ class SparseMoE(nn.Module):
             )
         if x.dtype != self.experts.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's {self.experts.dtype}")
-
-
-_NO_WORKSPACE: AbstractContextManager[None] = nullcontext()  # reusable: enter/exit hold no state
 
 
 class _NoClock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -70,11 +71,22 @@ class Workspace:
         """Drop every buffer (memory returns to the allocator)."""
         self._buffers.clear()
 
-    def lease(self) -> _Lease:
+    def lease(self, largest_bytes: int | None = None) -> AbstractContextManager[Workspace | None]:
         """A context manager giving this workspace for the duration of one layer call, or —
-        when another thread holds it — a throwaway one, so concurrent calls never share
-        buffers. (A class rather than a generator: it runs once per layer per decode step.)"""
+        when another thread holds it — ``FRESH``, so concurrent calls never share buffers.
+        ``largest_bytes``: the largest buffer the call will request; below
+        ``MIN_REUSE_BYTES`` every request would be fresh anyway, so no lease is taken (it
+        yields None). (Classes rather than a generator: this runs once per layer per decode
+        step, on cold caches.)"""
+        if largest_bytes is not None and largest_bytes < MIN_REUSE_BYTES:
+            return NO_LEASE
         return _Lease(self)
+
+
+# Every request fresh (max_bytes=1 keeps nothing): what callers without a workspace, and a
+# lease that finds its workspace busy, use. Holds no state, so any thread may share it.
+FRESH = Workspace(max_bytes=1)
+NO_LEASE: AbstractContextManager[None] = nullcontext()  # yields None; reusable, holds no state
 
 
 class _Lease:
@@ -86,7 +98,7 @@ class _Lease:
 
     def __enter__(self) -> Workspace:
         self._held = self._workspace._lock.acquire(blocking=False)
-        return self._workspace if self._held else Workspace(max_bytes=1)  # max_bytes=1: every request fresh
+        return self._workspace if self._held else FRESH
 
     def __exit__(self, *exc: object) -> None:
         if self._held:

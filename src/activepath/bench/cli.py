@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace, kind: str, parser: argparse.ArgumentParser) -
     gc.collect()
     generate = _generate(args, dtype, roofline) if kind in ("generate", "all") else None
     env["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    env["bandwidth_GBps_at_end"] = _bandwidth_at_end(args) if roofline is not None else None
+    env["bandwidth_GBps_at_end"] = _bandwidth_at_end(roofline, args.device)
     doc = bench_document(kind=kind, command=canonical_command(args, parser, kind), environment=env,
                          roofline=roofline, layer=layer, generate=generate)
     doc["notes"] = notes(doc)
@@ -123,12 +123,10 @@ def _roofline(args: argparse.Namespace, dtype: torch.dtype, env: dict[str, Any])
     return measure_roofline(config, dtype, args.device, env["llc_bytes"])  # type: ignore[arg-type]
 
 
-def _bandwidth_at_end(args: argparse.Namespace) -> float:
-    from .roofline import RooflineConfig, measure_bandwidth
+def _bandwidth_at_end(roofline: Any, device: str) -> float | None:
+    from .roofline import remeasure_bandwidth
 
-    gc.collect()
-    config = RooflineConfig(copy_bytes=args.copy_mib << 20, gemm_n=args.gemm_n, repeats=args.roofline_repeats)
-    return measure_bandwidth(config, args.device)
+    return None if roofline is None else remeasure_bandwidth(roofline, device)
 
 
 def _layer(args: argparse.Namespace, dtype: torch.dtype, env: dict[str, Any], roofline: Any) -> object:

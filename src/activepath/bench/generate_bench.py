@@ -27,7 +27,7 @@ from ..linears import Int8Linear, unpatch_linears
 from .arith import ExpertLoad, distinct_experts, expert_load, percent_of
 from .build import moe_blocks
 from .energy import EnergyMeter
-from .roofline import Roofline
+from .roofline import Roofline, remeasure_bandwidth
 from .timing import Clock, Summary, progress_bar, summarize
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def run_generate_bench(
     prompt_bw: list[float] | None = [] if roofline is not None else None
     for prompt in prompts:
         if prompt_bw is not None:
-            prompt_bw.append(_bandwidth_now(roofline, device))
+            prompt_bw.append(remeasure_bandwidth(roofline, device))
         for impl in config.impls:
             bar.set_postfix_str(impl)
             with _prepared(model, impl, default_impl, config.backend, mbytes) as (tap, label_, bytes_):
@@ -184,15 +184,6 @@ def run_generate_bench(
                                moe_layers=len(mbytes.expert_bytes_by_layer), model_bytes=mbytes,
                                method=_method_text(config), rows=rows, prompt_bandwidth_GBps=prompt_bw)
 
-
-def _bandwidth_now(roofline: Roofline, device: str) -> float:
-    import gc
-
-    from .roofline import RooflineConfig, measure_bandwidth
-
-    gc.collect()
-    config = RooflineConfig(copy_bytes=roofline.copy_bytes, gemm_n=roofline.gemm_n, repeats=roofline.repeats)
-    return measure_bandwidth(config, device)
 
 
 def _prompt(vocab: int, config: GenerateConfig, seed: int, device: str) -> torch.Tensor:

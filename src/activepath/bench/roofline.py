@@ -6,6 +6,7 @@ square matmul in the bench dtype. Each is the best of a few repeats after a warm
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -73,6 +74,15 @@ def measure_roofline(
 def measure_bandwidth(config: RooflineConfig, device: torch.device | str) -> float:
     """Only the copy bandwidth, GB/s (to re-check it at the end of a run: on shared hosts it drifts)."""
     return _copy_bandwidth(config, device, Clock(device))
+
+
+def remeasure_bandwidth(roofline: Roofline, device: torch.device | str) -> float:
+    """The copy bandwidth again, GB/s, with the settings ``roofline`` was measured with: on
+    shared hosts it drifts within a run. Collects garbage first, so freed tensors are not
+    counted against the copy's memory."""
+    gc.collect()
+    config = RooflineConfig(copy_bytes=roofline.copy_bytes, gemm_n=roofline.gemm_n, repeats=roofline.repeats)
+    return measure_bandwidth(config, device)
 
 
 def _copy_bandwidth(config: RooflineConfig, device: torch.device | str, clock: Clock) -> float:

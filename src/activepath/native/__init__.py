@@ -206,23 +206,11 @@ def grouped_nk_gemm(
     Each output element's summation order is fixed (independent of M, the segments and
     the threads), so results are batch-invariant.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
+    lib = _require_library()
     _check(x_MK, w_ENK, out_MN, bias_EN)
     flat = _flat_segments(segments, w_ENK.shape[0], x_MK.shape[0])
-    _, n, k = w_ENK.shape
-    threads = _threads_for(w_ENK.element_size() * n * k * (len(flat) // 3))
     kernel = lib.ap_grouped_nk_gemm if w_ENK.dtype == torch.float32 else lib.ap_grouped_nk_gemm_bf16
-    rc = kernel(
-        x_MK.data_ptr(), x_MK.stride(0), w_ENK.data_ptr(), w_ENK.stride(0), w_ENK.stride(1),
-        None if bias_EN is None else bias_EN.data_ptr(), 0 if bias_EN is None else bias_EN.stride(0),
-        out_MN.data_ptr(), out_MN.stride(0), n, k,
-        flat, len(flat) // 3, N_BLOCK, M_BLOCK, threads,
-    )  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"ap_grouped_nk_gemm failed with code {rc}")
-    return out_MN
+    return _launch(kernel, x_MK, w_ENK, flat, out_MN, bias_EN, N_BLOCK, M_BLOCK)
 
 
 def grouped_nk_gemm_panel(
@@ -244,30 +232,43 @@ def grouped_nk_gemm_panel(
     ``scratch``: fp32, contiguous, at least ``panel_scratch_numel`` elements, overwritten
     (allocated here when None).
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
+    lib = _require_library()
     _check(x_MK, w_ENK, out_MN, bias_EN)
     if w_ENK.dtype != torch.float32:
         raise TypeError(f"the panel kernel reads float32 weights, got {w_ENK.dtype}")
     flat = _flat_segments(segments, w_ENK.shape[0], x_MK.shape[0])
-    _, n, k = w_ENK.shape
-    need = _panel_numel(flat, k)
+    need = _panel_numel(flat, w_ENK.shape[2])
     if scratch is None:
         scratch = torch.empty(need, dtype=torch.float32)
     elif scratch.dtype != torch.float32 or scratch.device.type != "cpu" or not scratch.is_contiguous():
         raise TypeError(f"scratch must be a contiguous float32 CPU tensor, got {scratch.dtype} on {scratch.device}")
     elif scratch.numel() < need:
         raise ValueError(f"scratch holds {scratch.numel()} floats, these segments need {need}")
-    threads = _threads_for(w_ENK.element_size() * n * k * (len(flat) // 3))
-    rc = lib.ap_grouped_nk_gemm_panel(
+    return _launch(lib.ap_grouped_nk_gemm_panel, x_MK, w_ENK, flat, out_MN, bias_EN, scratch.data_ptr(), PANEL_N_BLOCK)
+
+
+def _launch(
+    kernel: ctypes._CFuncPtr,
+    x_MK: torch.Tensor,
+    w_ENK: torch.Tensor,
+    flat: ctypes.Array,
+    out_MN: torch.Tensor,
+    bias_EN: torch.Tensor | None,
+    *blocking: object,
+) -> torch.Tensor:
+    """Call a grouped GEMM kernel of nk_gemm.cpp (arguments checked by the caller): they
+    share every argument but their blocking ones, which come between the segments and
+    the thread count."""
+    _, n, k = w_ENK.shape
+    groups = len(flat) // 3
+    rc = kernel(
         x_MK.data_ptr(), x_MK.stride(0), w_ENK.data_ptr(), w_ENK.stride(0), w_ENK.stride(1),
         None if bias_EN is None else bias_EN.data_ptr(), 0 if bias_EN is None else bias_EN.stride(0),
-        out_MN.data_ptr(), out_MN.stride(0), n, k,
-        flat, len(flat) // 3, scratch.data_ptr(), PANEL_N_BLOCK, threads,
+        out_MN.data_ptr(), out_MN.stride(0), n, k, flat, groups,
+        *blocking, _threads_for(w_ENK.element_size() * n * k * groups),
     )  # fmt: skip
     if rc != 0:
-        raise RuntimeError(f"ap_grouped_nk_gemm_panel failed with code {rc}")
+        raise RuntimeError(f"{kernel.__name__} failed with code {rc}")
     return out_MN
 
 
@@ -347,11 +348,15 @@ def _check(x_MK: torch.Tensor, w_ENK: torch.Tensor, out_MN: torch.Tensor, bias_E
 # -- routing, dispatch and combine glue (native/moe_glue.cpp) ----------------------------
 
 
-def _call(name: str, *args: object) -> None:
+def _require_library() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
         raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
-    rc = getattr(lib, name)(*args)
+    return lib
+
+
+def _call(name: str, *args: object) -> None:
+    rc = getattr(_require_library(), name)(*args)
     if rc != 0:
         raise ValueError(f"{name} rejected its arguments (code {rc})")
 

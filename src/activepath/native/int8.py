@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _flat_segments, _library, _threads_for, unavailable_reason
+# ``available``: the int8 kernel lives in the one native library.
+from . import _flat_segments, _require_library, _threads_for, available  # noqa: F401
 
 # Weight rows per work item. An int8 row is a quarter of an fp32 row, so 4x the fp32
 # N_BLOCK reads the same 256 KiB per item (Qwen3-30B-A3B: 12 items per gate_up expert,
@@ -25,11 +26,6 @@ N_BLOCK_I8 = 128
 M_BLOCK_I8 = 64
 _SYMBOL = "ap_grouped_nk_gemm_i8"
 _F32, _I8 = torch.float32, torch.int8
-
-
-def available() -> bool:
-    """True when the native library (which holds the int8 kernel) is built and enabled."""
-    return _library() is not None
 
 
 def grouped_nk_gemm_i8(
@@ -48,9 +44,7 @@ def grouped_nk_gemm_i8(
     Each output element's summation order is fixed (independent of M, the segments and
     the threads), so results are batch-invariant.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"native kernels are not available: {unavailable_reason()}")
+    lib = _require_library()
     _check(x_MK, q_ENK, scale_EN, out_MN, bias_EN)
     num_experts, n, k = q_ENK.shape
     flat = _flat_segments(segments_G3, num_experts, x_MK.shape[0])

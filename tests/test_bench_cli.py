@@ -23,7 +23,7 @@ GEN_FIELDS = {"impl", "experts_implementation", "ttft", "prefill_tok_s", "decode
               "energy_prefill_J_per_token", "energy_decode_J_per_token", "energy_estimated", "energy_method",
               "tokens_per_expert_by_layer", "load_by_layer", "generated_sha256", "same_tokens_as_first_impl",
               "decode_samples_s", "decode_median_ms_by_prompt", "decode_p95_over_p50_by_prompt",
-              "decode_roofline_pct_by_prompt"}
+              "decode_roofline_pct_by_prompt", "breakdown"}
 TIMING_FIELDS = {"n", "mean_s", "median_s", "p95_s", "p99_s", "min_s", "max_s"}
 
 
@@ -100,6 +100,30 @@ def test_markdown_has_the_per_prompt_table(all_report):
     out, _ = all_report
     md = out.with_suffix(".md").read_text()
     assert "### Decode per prompt" in md and "% of that prompt's roofline" in md
+
+
+def test_generate_reports_where_the_time_goes(all_report):
+    out, doc = all_report
+    for r in doc["generate"]["rows"]:
+        b = r["breakdown"]
+        assert b["decode_steps"] == 3  # one instrumented generation of --new 4 tokens
+        for phase in ("prefill", "decode"):
+            ms = b[phase]["ms"]
+            assert sum(ms.values()) == pytest.approx(b[phase]["total_ms"])
+            assert ms["attention"] > 0 and ms["experts"] > 0 and ms["router"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "### Where the time goes" in md and "| activepath prefill ms | activepath decode ms/step |" in md
+    assert "| experts |" in md and "| **total** |" in md
+
+
+def test_generate_without_breakdown(tmp_path):
+    out = tmp_path / "gen"
+    args = ["bench", "generate", *FAST, "--no-roofline", "--layers", "2", "--prompt", "5", "--new", "2",
+            "--no-breakdown", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert all(r["breakdown"] is None for r in doc["generate"]["rows"])
+    assert "Where the time goes" not in out.with_suffix(".md").read_text()
 
 
 def test_layer_subcommand_as_user_runs_it(tmp_path):

@@ -83,6 +83,8 @@ def _generate_options(p: argparse.ArgumentParser, impl_flag: str) -> None:
                    help="comma-separated: activepath, hf (transformers default), hf-eager, hf-grouped_mm")
     p.add_argument("--watts-per-core", type=float, default=10.0,
                    help="CPU energy estimate: watts per busy core (assumption, default 10)")
+    p.add_argument("--no-breakdown", action="store_true",
+                   help="skip the per-component time breakdown (one extra instrumented generation per impl)")
 
 
 def _run(args: argparse.Namespace, kind: str, parser: argparse.ArgumentParser) -> int:
@@ -150,7 +152,7 @@ def _generate(args: argparse.Namespace, dtype: torch.dtype, roofline: Any) -> ob
 
     config = GenerateConfig(prompt=args.prompt, new=args.new, batch=args.batch, impls=_names(args.generate_impl),
                             repeats=args.repeats, watts_per_core=args.watts_per_core, backend=args.backend,
-                            seed=args.seed)
+                            seed=args.seed, breakdown=not args.no_breakdown)
     model, label = _load_model(args, dtype)
     try:
         return run_generate_bench(model, label, config, roofline, device=args.device, progress=not args.no_progress)

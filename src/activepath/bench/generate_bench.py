@@ -25,6 +25,7 @@ from .._common import check_choice, check_positive_int
 from ..integrate import moe_layers, optimize
 from ..linears import Int8Linear, unpatch_linears
 from .arith import ExpertLoad, distinct_experts, expert_load, percent_of
+from .breakdown import TimeBreakdown, measure_breakdown
 from .build import moe_blocks
 from .energy import EnergyMeter
 from .roofline import Roofline, remeasure_bandwidth
@@ -47,6 +48,7 @@ class GenerateConfig:
     watts_per_core: float = 10.0
     backend: str = "grouped"
     seed: int = 0
+    breakdown: bool = True  # also time each component, in one extra instrumented generation per impl
 
     def __post_init__(self) -> None:
         for name in ("prompt", "batch", "repeats"):
@@ -97,6 +99,8 @@ class GenerateRow:
     decode_median_ms_by_prompt: list[float] = field(default_factory=list)
     decode_p95_over_p50_by_prompt: list[float] = field(default_factory=list)
     decode_roofline_pct_by_prompt: list[float] | None = None
+    # Where the time goes (its own instrumented generation on the first prompt; None: not run).
+    breakdown: TimeBreakdown | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,16 +178,32 @@ def run_generate_bench(
                 resolved[impl], step_bytes[impl] = label_, bytes_
                 _generate(model, warm_prompt, 2, tap, clock, meter, bytes_, _Trace())
                 _generate(model, prompt, config.new, tap, clock, meter, bytes_, traces[impl], bar)
+    breakdowns = {impl: _breakdown(model, impl, default_impl, config, prompts[0], warm_prompt, clock, mbytes)
+                  for impl in config.impls} if config.breakdown else {}  # fmt: skip
     rows: list[GenerateRow] = []
     for impl in config.impls:
         first = rows[0] if rows else None
-        rows.append(_row(impl, resolved[impl], traces[impl], config, step_bytes[impl], roofline, first, prompt_bw))
+        row = _row(impl, resolved[impl], traces[impl], config, step_bytes[impl], roofline, first, prompt_bw)
+        rows.append(replace(row, breakdown=breakdowns.get(impl)))
     bar.close()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return GenerateBenchResult(model=label, dtype=dtype, num_layers=model.config.num_hidden_layers,
                                moe_layers=len(mbytes.expert_bytes_by_layer), model_bytes=mbytes,
                                method=_method_text(config), rows=rows, prompt_bandwidth_GBps=prompt_bw)
 
+
+
+def _breakdown(
+    model: nn.Module, impl: str, default_impl: str, config: GenerateConfig, prompt_BP: torch.Tensor,
+    warm_BP: torch.Tensor, clock: Clock, mbytes: ModelBytes,
+) -> TimeBreakdown:
+    """Where ``impl``'s time goes, after the timed generations so that their figures carry no
+    hooks; warmed up like them (a fresh patch allocates its buffers on first use)."""
+    with _prepared(model, impl, default_impl, config.backend, mbytes):
+        blocks = ([layer for _, layer in moe_layers(model)] if impl.startswith("activepath")
+                  else [block for _, block in moe_blocks(model)])  # fmt: skip
+        measure_breakdown(model, blocks, warm_BP, 2, clock)
+        return measure_breakdown(model, blocks, prompt_BP, config.new, clock)
 
 
 def _prompt(vocab: int, config: GenerateConfig, seed: int, device: str) -> torch.Tensor:
@@ -402,4 +422,6 @@ def _method_text(config: GenerateConfig) -> str:
         "utilisation: tokens per expert summed over prefill and decode of the timed generations. activepath runs "
         "with collect_stats on (a few timer calls per layer); hf-* have forward pre-hooks that keep a reference "
         "to the routing."
+        + (" Time breakdown: one more generation per impl on the first prompt, with forward hooks timing each "
+           "component (not part of the figures above)." if config.breakdown else "")
     )

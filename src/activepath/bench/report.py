@@ -147,7 +147,7 @@ def _generate_md(gen: dict[str, Any]) -> list[str]:
             f"| {_num(row['energy_prefill_J_per_token'], 4)}{est} | {_same(row['same_tokens_as_first_impl'])} |"
         )
     lines += ["", f"Energy: {gen['rows'][0]['energy_method']}.", ""]
-    return lines + _by_prompt_md(gen) + _utilisation_md(gen["rows"][0])
+    return lines + _by_prompt_md(gen) + _breakdown_md(gen) + _utilisation_md(gen["rows"][0])
 
 
 def _by_prompt_md(gen: dict[str, Any]) -> list[str]:
@@ -171,6 +171,35 @@ def _by_prompt_md(gen: dict[str, Any]) -> list[str]:
             if values:
                 cells = " | ".join(f"{v:.{digits}f}" for v in values)
                 lines.append(f"| {row['impl']} | {name} | {cells} | {statistics.median(values):.{digits}f} |")
+    return lines + [""]
+
+
+def _breakdown_md(gen: dict[str, Any]) -> list[str]:
+    """Where the time goes, per impl: ms per prefill forward and per decode step by component,
+    with its share of the total. Components no impl spent time in are left out."""
+    rows = [r for r in gen["rows"] if r.get("breakdown")]
+    if not rows:
+        return []
+    components = [c for c in rows[0]["breakdown"]["prefill"]["ms"]
+                  if any(abs(r["breakdown"][phase]["ms"][c]) >= 0.005 for r in rows for phase in ("prefill", "decode"))]
+    head = " | ".join(f"{r['impl']} prefill ms | {r['impl']} decode ms/step" for r in rows)
+    lines = ["### Where the time goes", "",
+             "One instrumented generation per impl on the first prompt (forward hooks; its totals are not the "
+             "timed figures above). activepath's MoE stages come from its layers' stage clocks; a transformers "
+             "block's experts module dispatches, computes and combines in one call, so those fall under "
+             "experts. rest = the forward's wall time minus the timed components (embedding, norms, residual "
+             "adds, the decoder loop, the hooks themselves).", "",
+             f"| component | {head} |", "|---|" + "---:|---:|" * len(rows)]  # fmt: skip
+
+    def cell(phase: dict[str, Any], component: str) -> str:
+        ms = phase["ms"][component] if component else phase["total_ms"]
+        share = f" ({100 * ms / phase['total_ms']:.0f} %)" if component and phase["total_ms"] > 0 else ""
+        return f"{ms:.2f}{share}"
+
+    for component in [*components, ""]:
+        cells = " | ".join(f"{cell(r['breakdown']['prefill'], component)} | {cell(r['breakdown']['decode'], component)}"
+                           for r in rows)  # fmt: skip
+        lines.append(f"| {component or '**total**'} | {cells} |")
     return lines + [""]
 
 

@@ -84,3 +84,19 @@ def test_rejects_a_generation_without_decode_steps() -> None:
     model, blocks = _prepared("qwen3_moe", "hf")
     with pytest.raises(ValueError, match="new must be >= 2"):
         measure_breakdown(model, blocks, torch.zeros(1, 3, dtype=torch.long), 1, Clock())
+
+
+def test_mean_breakdown_averages_per_forward() -> None:
+    from activepath.bench.breakdown import PhaseBreakdown, TimeBreakdown, mean_breakdown
+
+    def run(scale: float, steps: int) -> TimeBreakdown:
+        ms = {c: scale * (i + 1) for i, c in enumerate(COMPONENTS)}
+        phase = PhaseBreakdown(total_ms=sum(ms.values()), ms=ms)
+        return TimeBreakdown(prefill=phase, decode=phase, decode_steps=steps)
+
+    mean = mean_breakdown([run(1.0, 3), run(3.0, 3)])
+    assert mean.decode_steps == 6
+    assert mean.prefill.ms["attention"] == 2.0 and mean.decode.ms["rest"] == 2.0 * len(COMPONENTS)
+    assert sum(mean.prefill.ms.values()) == pytest.approx(mean.prefill.total_ms)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_breakdown([])

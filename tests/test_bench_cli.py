@@ -106,7 +106,7 @@ def test_generate_reports_where_the_time_goes(all_report):
     out, doc = all_report
     for r in doc["generate"]["rows"]:
         b = r["breakdown"]
-        assert b["decode_steps"] == 3  # one instrumented generation of --new 4 tokens
+        assert b["decode_steps"] == 2 * 3  # one instrumented generation per prompt, --new 4 tokens each
         for phase in ("prefill", "decode"):
             ms = b[phase]["ms"]
             assert sum(ms.values()) == pytest.approx(b[phase]["total_ms"])

@@ -3,7 +3,7 @@
 and the rest (embedding, norms, residual adds, the decoder loop's Python), for prefill
 and for a decode step.
 
-Measured in its own instrumented generation, apart from the timed ones: every component
+Measured in instrumented generations of their own, apart from the timed ones: every component
 is timed by forward hooks (two clock reads per module call), which the headline figures
 must not carry. Inside an activepath MoE layer the stages come from the layer's own stage
 clock (``collect_stats``): routing, dispatch, experts, combine, shared experts, and
@@ -166,6 +166,20 @@ def measure_breakdown(
             decode_s += clock.now() - start
         decode = _phase(timer.totals, decode_s, new - 1)
     return TimeBreakdown(prefill=prefill, decode=decode, decode_steps=new - 1)
+
+
+def mean_breakdown(runs: list[TimeBreakdown]) -> TimeBreakdown:
+    """The mean of several instrumented generations (each component, and the total, averaged
+    per forward; means add up like the parts do)."""
+    if not runs:
+        raise ValueError("mean_breakdown needs at least one TimeBreakdown")
+
+    def mean(phases: list[PhaseBreakdown]) -> PhaseBreakdown:
+        return PhaseBreakdown(total_ms=sum(p.total_ms for p in phases) / len(phases),
+                              ms={c: sum(p.ms[c] for p in phases) / len(phases) for c in COMPONENTS})  # fmt: skip
+
+    return TimeBreakdown(prefill=mean([r.prefill for r in runs]), decode=mean([r.decode for r in runs]),
+                         decode_steps=sum(r.decode_steps for r in runs))
 
 
 def _phase(totals: dict[str, float], wall_s: float, forwards: int) -> PhaseBreakdown:

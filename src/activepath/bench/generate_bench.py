@@ -25,7 +25,7 @@ from .._common import check_choice, check_positive_int
 from ..integrate import moe_layers, optimize
 from ..linears import Int8Linear, unpatch_linears
 from .arith import ExpertLoad, distinct_experts, expert_load, percent_of
-from .breakdown import TimeBreakdown, measure_breakdown
+from .breakdown import TimeBreakdown, mean_breakdown, measure_breakdown
 from .build import moe_blocks
 from .energy import EnergyMeter
 from .roofline import Roofline, remeasure_bandwidth
@@ -161,6 +161,7 @@ def run_generate_bench(
     clock = Clock(device)
     bar = progress_bar(len(config.impls) * config.repeats * config.new, "bench generate", progress)
     traces = {impl: _Trace() for impl in config.impls}
+    breakdowns: dict[str, list[TimeBreakdown]] = {impl: [] for impl in config.impls}
     resolved: dict[str, str] = {}
     step_bytes: dict[str, ModelBytes] = {}
     # Round-robin over impls for every prompt, so slow drift in the machine's state
@@ -178,13 +179,13 @@ def run_generate_bench(
                 resolved[impl], step_bytes[impl] = label_, bytes_
                 _generate(model, warm_prompt, 2, tap, clock, meter, bytes_, _Trace())
                 _generate(model, prompt, config.new, tap, clock, meter, bytes_, traces[impl], bar)
-    breakdowns = {impl: _breakdown(model, impl, default_impl, config, prompts[0], warm_prompt, clock, mbytes)
-                  for impl in config.impls} if config.breakdown else {}  # fmt: skip
+                if config.breakdown:  # after the timed generation, so that carries no hooks
+                    breakdowns[impl].append(measure_breakdown(model, _moe_modules(model, impl), prompt, config.new, clock))
     rows: list[GenerateRow] = []
     for impl in config.impls:
         first = rows[0] if rows else None
         row = _row(impl, resolved[impl], traces[impl], config, step_bytes[impl], roofline, first, prompt_bw)
-        rows.append(replace(row, breakdown=breakdowns.get(impl)))
+        rows.append(replace(row, breakdown=mean_breakdown(breakdowns[impl]) if breakdowns[impl] else None))
     bar.close()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return GenerateBenchResult(model=label, dtype=dtype, num_layers=model.config.num_hidden_layers,
@@ -193,17 +194,11 @@ def run_generate_bench(
 
 
 
-def _breakdown(
-    model: nn.Module, impl: str, default_impl: str, config: GenerateConfig, prompt_BP: torch.Tensor,
-    warm_BP: torch.Tensor, clock: Clock, mbytes: ModelBytes,
-) -> TimeBreakdown:
-    """Where ``impl``'s time goes, after the timed generations so that their figures carry no
-    hooks; warmed up like them (a fresh patch allocates its buffers on first use)."""
-    with _prepared(model, impl, default_impl, config.backend, mbytes):
-        blocks = ([layer for _, layer in moe_layers(model)] if impl.startswith("activepath")
-                  else [block for _, block in moe_blocks(model)])  # fmt: skip
-        measure_breakdown(model, blocks, warm_BP, 2, clock)
-        return measure_breakdown(model, blocks, prompt_BP, config.new, clock)
+def _moe_modules(model: nn.Module, impl: str) -> list[nn.Module]:
+    """The MoE modules ``model`` runs in ``impl``'s state (inside ``_prepared``)."""
+    if impl.startswith("activepath"):
+        return [layer for _, layer in moe_layers(model)]
+    return [block for _, block in moe_blocks(model)]
 
 
 def _prompt(vocab: int, config: GenerateConfig, seed: int, device: str) -> torch.Tensor:
@@ -422,6 +417,6 @@ def _method_text(config: GenerateConfig) -> str:
         "utilisation: tokens per expert summed over prefill and decode of the timed generations. activepath runs "
         "with collect_stats on (a few timer calls per layer); hf-* have forward pre-hooks that keep a reference "
         "to the routing."
-        + (" Time breakdown: one more generation per impl on the first prompt, with forward hooks timing each "
-           "component (not part of the figures above)." if config.breakdown else "")
+        + (" Time breakdown: after each timed generation, the same prompt again with forward hooks timing each "
+           "component (not part of the figures above); per-step means over the prompts." if config.breakdown else "")
     )

@@ -184,8 +184,8 @@ def _breakdown_md(gen: dict[str, Any]) -> list[str]:
                   if any(abs(r["breakdown"][phase]["ms"][c]) >= 0.005 for r in rows for phase in ("prefill", "decode"))]
     head = " | ".join(f"{r['impl']} prefill ms | {r['impl']} decode ms/step" for r in rows)
     lines = ["### Where the time goes", "",
-             "One instrumented generation per impl on the first prompt (forward hooks; its totals are not the "
-             "timed figures above). activepath's MoE stages come from its layers' stage clocks; a transformers "
+             "Instrumented generations, one per impl after each timed one on the same prompt (forward hooks; "
+             "their totals are not the timed figures above), averaged per forward. activepath's MoE stages come from its layers' stage clocks; a transformers "
              "block's experts module dispatches, computes and combines in one call, so those fall under "
              "experts. rest = the forward's wall time minus the timed components (embedding, norms, residual "
              "adds, the decoder loop, the hooks themselves).", "",

@@ -58,6 +58,9 @@ class ComponentClock:
     transformers blocks). Use as a context manager: the hooks are removed on exit."""
 
     def __init__(self, model: nn.Module, moe_blocks: list[nn.Module], clock: Clock) -> None:
+        # Checked before any hook is placed: stage times from an earlier call would be stale.
+        if any(isinstance(b, SparseMoE) and not b.collect_stats for b in moe_blocks):
+            raise RuntimeError("the time breakdown needs the activepath layers' stage clocks: optimize(collect_stats=True)")
         self._clock = clock
         self.totals = dict.fromkeys(COMPONENTS, 0.0)
         self.timed: dict[str, list[str]] = {}  # component -> names of the modules timed for it
@@ -72,7 +75,7 @@ class ComponentClock:
                 continue  # timed as part of its MoE block (a shared expert's own `mlp`, say)
             if leaf == "self_attn":
                 self._time(module, "attention")
-            elif leaf == "mlp" and id(module) not in moe_ids:
+            elif leaf == "mlp":
                 self._time(module, "dense_mlp")
         for block in moe_blocks:
             self._time_moe(block)
@@ -129,9 +132,7 @@ class ComponentClock:
         self._inner = 0.0
 
     def _split_sparse_moe(self, layer: nn.Module, wall: float) -> None:
-        stats = layer.last_stats  # type: ignore[union-attr]
-        if stats is None:
-            raise RuntimeError("the time breakdown needs the activepath layers' stage clocks: optimize(collect_stats=True)")
+        stats = layer.last_stats  # type: ignore[union-attr]  (set by this call: collect_stats is on)
         stages = {"router": stats.routing_s, "dispatch": stats.dispatch_s, "experts": stats.experts_s,
                   "combine": stats.combine_s}  # fmt: skip
         if layer.shared is not None:  # without shared experts that lap is only the clock read: glue

@@ -14,14 +14,27 @@ from activepath import (
     SharedExperts,
     SparseMoE,
     backend_names,
+    combine,
+    fuses_combine,
+    get_backend,
     plan_dispatch,
     register_backend,
 )
-from activepath import native
+from activepath import native, triton_moe
 from activepath.tolerances import tolerance
 from oracle import moe_oracle
 
 H, I, E, K = 32, 24, 8, 2
+
+
+def _runnable(backend: str, act: str = "silu", dtype: torch.dtype = torch.float32) -> None:
+    """Skip the backends that cannot run this case here (their refusals are tested elsewhere)."""
+    if backend != "triton":
+        return
+    if not triton_moe.available() or not triton_moe.interpreting():
+        pytest.skip("triton is not installed, or not in its CPU interpreter (tests/conftest.py)")
+    if act == "gpt_oss" or dtype == torch.float64:
+        pytest.skip("no Triton kernel for GPT-OSS experts or float64 (tests/test_triton_moe.py checks the refusal)")
 ACTIVATIONS = {
     "silu": (ActivationConfig(kind="silu"), False, False),
     "gelu": (ActivationConfig(kind="gelu"), False, False),
@@ -71,6 +84,7 @@ def check_against_oracle(layer: SparseMoE, x_TH: torch.Tensor) -> None:
 @pytest.mark.parametrize("num_tokens", [1, 2, 13, 97])
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_backend_matches_oracle(backend: str, num_tokens: int, act: str) -> None:
+    _runnable(backend, act)
     layer = make_layer(act, seed=num_tokens)
     layer.backend = backend
     x = torch.randn(num_tokens, H, generator=torch.Generator().manual_seed(100 + num_tokens))
@@ -80,6 +94,7 @@ def test_backend_matches_oracle(backend: str, num_tokens: int, act: str) -> None
 @pytest.mark.parametrize("backend", backend_names())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_half_and_double_precision(backend: str, dtype: torch.dtype) -> None:
+    _runnable(backend, dtype=dtype)
     layer = make_layer("silu", dtype=dtype)
     layer.backend = backend
     check_against_oracle(layer, torch.randn(31, H).to(dtype))
@@ -87,6 +102,7 @@ def test_half_and_double_precision(backend: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("backend", backend_names())
 def test_every_token_on_one_expert(backend: str) -> None:
+    _runnable(backend)
     layer = make_layer(hot_expert=3, top_k=1)
     layer.backend = backend
     x = torch.randn(29, H)
@@ -96,6 +112,7 @@ def test_every_token_on_one_expert(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", backend_names())
 def test_experts_with_no_tokens_are_skipped(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _runnable(backend)
     dead = (0, 2, 5, 7)
     layer = make_layer(dead_experts=dead)
     layer.backend = backend
@@ -218,3 +235,27 @@ def test_grouped_uses_grouped_gemm_when_it_applies(monkeypatch: pytest.MonkeyPat
         assert len(calls) == 2
     make_layer()(x)  # grad mode: torch's CPU grouped GEMM has no backward, so the loop
     assert len(calls) == 2
+
+
+def test_a_backend_that_fuses_the_combine(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It returns the combined y_TH itself, and the layer skips its own combine stage.
+    calls: list[tuple[int, int]] = []
+
+    def fused(weights: ExpertWeights, x_TH: torch.Tensor, plan, *, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(topk_weights_TK.shape))
+        return combine(get_backend("reference")(weights, x_TH, plan), plan, topk_weights_TK)
+
+    from activepath import experts
+
+    # registered into copies of the registry, so no other test sees it
+    monkeypatch.setattr(experts, "_BACKENDS", dict(experts._BACKENDS))
+    monkeypatch.setattr(experts, "_FUSES_COMBINE", set(experts._FUSES_COMBINE))
+    register_backend("test_fused", fused, fuses_combine=True)
+    assert fuses_combine("test_fused") and not fuses_combine("grouped")
+    layer = make_layer(seed=4)
+    layer.backend = "test_fused"
+    layer.collect_stats = True
+    check_against_oracle(layer, torch.randn(9, H))
+    assert calls == [(9, K)] and layer.last_stats.combine_s < layer.last_stats.experts_s
+    with pytest.raises(ValueError, match="workspace"):
+        register_backend("test_fused_ws", fused, fuses_combine=True, uses_workspace=True)

@@ -150,21 +150,28 @@ the workspace's next use (the layer combines it straight away)."""
 _BACKENDS: dict[str, ExpertsBackend] = {}
 _BATCH_INVARIANT: set[str] = set()
 _USES_WORKSPACE: set[str] = set()
+_FUSES_COMBINE: set[str] = set()
 
 
 def register_backend(
-    name: str, fn: ExpertsBackend, *, batch_invariant: bool = False, uses_workspace: bool = False
+    name: str, fn: ExpertsBackend, *, batch_invariant: bool = False, uses_workspace: bool = False,
+    fuses_combine: bool = False,
 ) -> None:
     """Make ``fn`` selectable as ``backend=name``. ``reference`` cannot be replaced.
 
     ``batch_invariant``: each slot's output is bitwise independent of the other slots in
     the call (so a sequence gives the same result alone or batched). ``uses_workspace``:
-    ``fn`` accepts a ``workspace=`` keyword (see ``ExpertsBackend``).
+    ``fn`` accepts a ``workspace=`` keyword (see ``ExpertsBackend``). ``fuses_combine``:
+    ``fn`` also takes ``topk_weights_TK=`` and returns the combined output y_TH [T, H]
+    (the layer then skips its own combine stage).
     """
     if name == "reference" and "reference" in _BACKENDS:
         raise ValueError("the 'reference' backend is fixed; register yours under another name")
+    if fuses_combine and uses_workspace:
+        raise ValueError("a backend that fuses the combine returns y_TH itself; it cannot also use a workspace")
     _BACKENDS[name] = fn
-    for flag, names in ((batch_invariant, _BATCH_INVARIANT), (uses_workspace, _USES_WORKSPACE)):
+    for flag, names in ((batch_invariant, _BATCH_INVARIANT), (uses_workspace, _USES_WORKSPACE),
+                        (fuses_combine, _FUSES_COMBINE)):  # fmt: skip
         names.discard(name)
         if flag:
             names.add(name)
@@ -178,6 +185,11 @@ def is_batch_invariant(name: str) -> bool:
 def uses_workspace(name: str) -> bool:
     get_backend(name)
     return name in _USES_WORKSPACE
+
+
+def fuses_combine(name: str) -> bool:
+    get_backend(name)
+    return name in _FUSES_COMBINE
 
 
 def get_backend(name: str) -> ExpertsBackend:
@@ -413,6 +425,17 @@ register_backend("grouped", grouped_experts, uses_workspace=True)
 register_backend("grouped_loop", grouped_loop_experts)
 register_backend("rowwise", rowwise_experts, batch_invariant=True)
 register_backend("native", native_experts, batch_invariant=True, uses_workspace=True)
+
+
+def _triton_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, *,
+                    topk_weights_TK: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Fused Triton kernels (``triton_moe``), imported on first use: triton is optional."""
+    from .triton_moe import triton_experts
+
+    return triton_experts(weights, x_TH, plan, topk_weights_TK=topk_weights_TK)
+
+
+register_backend("triton", _triton_experts, fuses_combine=True)
 
 
 def _check_shapes(

@@ -16,7 +16,7 @@ from torch import nn
 from .capacity import CapacityConfig, apply_capacity
 from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
-from .experts import ExpertWeights, get_backend, is_batch_invariant, uses_workspace
+from .experts import ExpertWeights, fuses_combine, get_backend, is_batch_invariant, uses_workspace
 from .routing import Router, RoutingResult
 from .workspace import NO_LEASE, Workspace
 
@@ -126,11 +126,15 @@ class SparseMoE(nn.Module):
         routing_s = clock.lap()
         plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts, kept_TK)
         dispatch_s = clock.lap()
-        with self._scratch(plan) as workspace:
-            # The experts' output may live in the workspace: combined before it is released.
-            out_SH = self._experts(x_TH, plan, workspace)
+        if fuses_combine(self._backend):  # one fused call; its combine is part of experts_s
+            y_TH = get_backend(self._backend)(self.experts, x_TH, plan, topk_weights_TK=routing.topk_weights_TK)
             experts_s = clock.lap()
-            y_TH = combine(out_SH, plan, routing.topk_weights_TK)
+        else:
+            with self._scratch(plan) as workspace:
+                # The experts' output may live in the workspace: combined before it is released.
+                out_SH = self._experts(x_TH, plan, workspace)
+                experts_s = clock.lap()
+                y_TH = combine(out_SH, plan, routing.topk_weights_TK)
         combine_s = clock.lap()
         if self.shared is not None:
             y_TH = y_TH + self._shared(x_TH)

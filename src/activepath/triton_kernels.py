@@ -1,0 +1,119 @@
+"""Triton kernels of the ``triton`` experts backend (see ``triton_moe``, which loads this
+module on first use; importing it needs the triton package).
+
+Shape legend: S slots sorted by expert, H hidden, I expert intermediate; a block is a run
+of at most BLOCK_M sorted slots of one expert.
+
+IEEE: fp32 operands, multiplied without TF32 rounding. UPCAST: half-precision operands are
+widened to fp32 before ``tl.dot``: exact products and the same fp32 accumulation as a
+tensor-core dot. It is set under Triton's CPU interpreter, whose ``tl.dot`` gives wrong
+results for bf16 operands (triton 3.9).
+"""
+
+import triton
+import triton.language as tl
+
+SILU, GELU, GELU_TANH = 0, 1, 2
+
+
+@triton.jit
+def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, blk_e_ptr, blk_lo_ptr, blk_hi_ptr, H, I,
+                stride_xt, stride_we, stride_wn, stride_be, stride_hs,
+                ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """h[rows, cols] = act(x[tok] @ w_gate[e].T) * (x[tok] @ w_up[e].T) for one block of
+    sorted slots (rows) and BLOCK_N intermediate columns. x rows are read by token index:
+    the gather is this load."""
+    b = tl.program_id(0)
+    e = tl.load(blk_e_ptr + b).to(tl.int64)
+    hi = tl.load(blk_hi_ptr + b)
+    rows = tl.load(blk_lo_ptr + b) + tl.arange(0, BLOCK_M)
+    row_ok = rows < hi
+    tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    w_e = w_ptr + e * stride_we
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        a = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        wg = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)
+        wu = tl.load(w_e + (cols[None, :] + I) * stride_wn + ks[:, None], mask=w_mask, other=0.0)
+        if UPCAST:
+            a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        if IEEE or UPCAST:  # fp32 inputs: no TF32 rounding, the precision of the CPU paths
+            acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, wg, acc_g)
+            acc_u = tl.dot(a, wu, acc_u)
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + e * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + e * stride_be + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # The projections are rounded to the activations' dtype before the activation, as
+    # the other backends (and transformers) compute them.
+    g = acc_g.to(h_ptr.dtype.element_ty).to(tl.float32)
+    u = acc_u.to(h_ptr.dtype.element_ty).to(tl.float32)
+    if ACT == SILU:
+        act = g * tl.sigmoid(g)
+    elif ACT == GELU:
+        act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:  # tanh approximation, with tanh(z) = 2 sigmoid(2z) - 1
+        act = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    out = h_ptr + rows[:, None].to(tl.int64) * stride_hs + cols[None, :]
+    tl.store(out, (act * u).to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def down_weighted(h_ptr, w_ptr, b_ptr, sw_ptr, out_ptr, blk_e_ptr, blk_lo_ptr, blk_hi_ptr, I, H,
+                  stride_hs, stride_we, stride_wn, stride_be, stride_os,
+                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """out[rows, cols] = routing weight × (h[rows] @ w_down[e].T), fp32, for one block of
+    sorted slots and BLOCK_N hidden columns."""
+    b = tl.program_id(0)
+    e = tl.load(blk_e_ptr + b).to(tl.int64)
+    hi = tl.load(blk_hi_ptr + b)
+    rows = tl.load(blk_lo_ptr + b) + tl.arange(0, BLOCK_M)
+    row_ok = rows < hi
+    rows64 = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    w_e = w_ptr + e * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < I
+        a = tl.load(h_ptr + rows64[:, None] * stride_hs + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        if IEEE or UPCAST:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # The expert's output in the activations' dtype first (what every backend returns),
+    # then the routing weight in fp32, as the CPU combine applies it.
+    acc = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+    acc *= tl.load(sw_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    tl.store(out_ptr + rows64[:, None] * stride_os + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def combine(src_ptr, pos_ptr, y_ptr, H, K, stride_ss, stride_yt, BLOCK_H: tl.constexpr):
+    """y[t, cols] = the sum over k of src[pos[t, k], cols] (rows with pos -1 left out), in
+    fp32 and in the order of pos[t, :]; one program per token and BLOCK_H columns."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in range(0, K):
+        j = tl.load(pos_ptr + t * K + k).to(tl.int64)
+        kept = tl.full((BLOCK_H,), j, tl.int64) >= 0  # a block mask: a scalar one is not accepted everywhere
+        acc += tl.load(src_ptr + j * stride_ss + cols, mask=col_ok & kept, other=0.0)
+    tl.store(y_ptr + t * stride_yt + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)

@@ -1,0 +1,202 @@
+# route → dispatch → [experts → combine], fused, on a GPU
+"""The ``triton`` experts backend: the MoE layer's expert work in three Triton kernels.
+
+1. **gate/up + activation.** A grouped GEMM over the slots sorted by expert. The gather is
+   fused: rows of x are loaded by token index, so no [S, H] copy exists. The gated
+   activation runs in the epilogue, so only h = act(gate) * up ([S, I]) is written.
+2. **down + routing weight.** The second grouped GEMM; its epilogue scales each slot's row
+   by its routing weight.
+3. **combine.** Each token sums its K weighted rows in a fixed order: ascending expert id,
+   the order the CPU ``combine`` uses. There are no atomics, so the result does not depend
+   on scheduling (``torch.index_add_`` on CUDA does).
+
+The grouped GEMMs run over *blocks*: runs of up to ``block_m`` sorted slots of a single
+expert (``plan_blocks``). A program computes one block × ``block_n`` output columns and
+streams that expert's weights once per block. Idle experts get no blocks.
+
+Where it runs: CUDA tensors, or CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, how CI checks the kernels on tiny shapes). Where it does not apply
+(GPT-OSS's transposed, interleaved experts and clamped SwiGLU; no Triton; CPU tensors without
+the interpreter) the backend says why, with a clear error.
+
+Shape legend: T tokens, K experts per token, S = T*K slots (sorted by expert), H hidden,
+I expert intermediate, E experts, B blocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .dispatch import DispatchPlan
+from .experts import ExpertWeights
+
+_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # kind → triton_kernels' ACT constant
+
+
+def available() -> bool:
+    """Whether the triton package can be imported (it is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter. Triton fixes that when it is first
+    imported (from ``TRITON_INTERPRET=1``), so once it is imported its own mode decides."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is not None:
+        return type(standard.zeros).__name__ == "InterpretedFunction"
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TritonConfig:
+    """Tile sizes of the grouped GEMMs. ``block_m`` slots per block (``tl.dot`` needs ≥ 16),
+    ``block_n`` output columns and ``block_k`` reduction steps per program; powers of two."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Block b covers sorted slots ``lo_B[b]:hi_B[b]`` of expert ``expert_B[b]`` (int32, on
+    the device of the slots)."""
+
+    expert_B: torch.Tensor
+    lo_B: torch.Tensor
+    hi_B: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.expert_B.shape[0]
+
+
+def plan_blocks(plan: DispatchPlan, block_m: int, device: torch.device) -> BlockPlan:
+    """Cut every active expert's run of sorted slots into blocks of at most ``block_m``.
+    ``plan.offsets`` are host ints already, so this costs one host → device copy."""
+    rows = [(e, lo, min(lo + block_m, hi)) for e, start, hi in plan.segments for lo in range(start, hi, block_m)]
+    table = torch.tensor(rows or [(0, 0, 0)], dtype=torch.int32).t().contiguous().to(device)
+    if not rows:
+        table = table[:, :0]
+    return BlockPlan(table[0], table[1], table[2])
+
+
+def unsupported_reason(weights: ExpertWeights, x_TH: torch.Tensor) -> str | None:
+    """Why the Triton backend cannot run this layer on ``x_TH`` (None: it can)."""
+    if not available():
+        return "the triton package is not installed (pip install triton)"
+    if x_TH.device.type != "cuda" and not interpreting():
+        return (f"tensors on {x_TH.device} need CUDA, or Triton's CPU interpreter (TRITON_INTERPRET=1, set "
+                "before triton is first imported)")
+    if type(weights) is not ExpertWeights:
+        return f"{type(weights).__name__} experts (quantized weights) have no Triton kernel"
+    if weights.transposed or weights.activation.interleaved:
+        return "transposed / interleaved gate-up experts (GPT-OSS) have no Triton kernel"
+    if weights.activation.kind not in _ACTIVATIONS:
+        return f"activation {weights.activation.kind!r} has no Triton kernel"
+    if x_TH.dtype != weights.dtype or x_TH.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"activations {x_TH.dtype} with {weights.dtype} weights (expected the same float dtype)"
+    if x_TH.device != weights.w_gate_up.device:
+        return f"activations on {x_TH.device}, weights on {weights.w_gate_up.device}"
+    return None
+
+
+def triton_experts(
+    weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, *, topk_weights_TK: torch.Tensor,
+    config: TritonConfig = TritonConfig(),
+) -> torch.Tensor:
+    """The layer's combined expert output y_TH [T, H], in the dtype of ``x_TH``."""
+    reason = unsupported_reason(weights, x_TH)
+    if reason is not None:
+        raise RuntimeError(f"the triton experts backend cannot run here: {reason}")
+    x_TH = x_TH.contiguous()
+    blocks = plan_blocks(plan, config.block_m, x_TH.device)
+    h_SI = _gate_up(weights, x_TH, plan, blocks, config)
+    out_SH = _down_weighted(weights, h_SI, plan, blocks, topk_weights_TK, config)
+    return combine_sorted(out_SH, plan, x_TH.dtype)
+
+
+def _gate_up(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, blocks: BlockPlan,
+             config: TritonConfig) -> torch.Tensor:  # fmt: skip
+    kernels = _kernels()
+    inter, hidden = weights.intermediate_size, weights.hidden_size
+    h_SI = torch.empty(plan.order_S.shape[0], inter, dtype=x_TH.dtype, device=x_TH.device)
+    if blocks.num_blocks == 0:
+        return h_SI
+    w = weights.w_gate_up.detach()
+    bias = weights.b_gate_up
+    grid = (blocks.num_blocks, -(-inter // config.block_n))
+    kernels.gate_up_act[grid](
+        x_TH, plan.token_idx_S.to(torch.int32), w, w if bias is None else bias.detach(), h_SI,
+        blocks.expert_B, blocks.lo_B, blocks.hi_B, hidden, inter,
+        x_TH.stride(0), w.stride(0), w.stride(1), 0 if bias is None else bias.stride(0), h_SI.stride(0),
+        ACT=_ACTIVATIONS[weights.activation.kind], HAS_BIAS=bias is not None, IEEE=x_TH.dtype == torch.float32,
+        UPCAST=interpreting(),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+    )  # fmt: skip
+    return h_SI
+
+
+def _down_weighted(weights: ExpertWeights, h_SI: torch.Tensor, plan: DispatchPlan, blocks: BlockPlan,
+                   topk_weights_TK: torch.Tensor, config: TritonConfig) -> torch.Tensor:  # fmt: skip
+    kernels = _kernels()
+    hidden, inter = weights.hidden_size, weights.intermediate_size
+    # fp32 rows: they are summed in fp32 by the combine kernel, as the CPU combine does.
+    out_SH = torch.empty(h_SI.shape[0], hidden, dtype=torch.float32, device=h_SI.device)
+    if blocks.num_blocks == 0:
+        return out_SH
+    w = weights.w_down.detach()
+    bias = weights.b_down
+    slot_weight_S = topk_weights_TK.reshape(-1).index_select(0, plan.order_S).to(torch.float32).contiguous()
+    grid = (blocks.num_blocks, -(-hidden // config.block_n))
+    kernels.down_weighted[grid](
+        h_SI, w, w if bias is None else bias.detach(), slot_weight_S, out_SH,
+        blocks.expert_B, blocks.lo_B, blocks.hi_B, inter, hidden,
+        h_SI.stride(0), w.stride(0), w.stride(1), 0 if bias is None else bias.stride(0), out_SH.stride(0),
+        HAS_BIAS=bias is not None, IEEE=h_SI.dtype == torch.float32, UPCAST=interpreting(),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+    )  # fmt: skip
+    return out_SH
+
+
+def combine_sorted(weighted_SH: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype, block_h: int = 128) -> torch.Tensor:
+    """y_TH[t] = the sum of token t's already-weighted rows of ``weighted_SH`` (sorted
+    order), added in fp32 in ascending sorted position (= ascending expert id), cast to
+    ``dtype``. Slots a capacity stage dropped are absent from the plan and add nothing."""
+    kernels = _kernels()
+    num_tokens, top_k, hidden = plan.num_tokens, plan.top_k, weighted_SH.shape[1]
+    device = weighted_SH.device
+    # pos_TK: where slot (t, k) sits in sorted order (-1: dropped), each token's row
+    # ascending so the kernel adds in expert order.
+    pos_S = torch.full((num_tokens * top_k,), -1, dtype=torch.int32, device=device)
+    pos_S[plan.order_S] = torch.arange(plan.order_S.shape[0], dtype=torch.int32, device=device)
+    pos_TK = pos_S.view(num_tokens, top_k).sort(dim=1).values.contiguous()
+    y_TH = torch.empty(num_tokens, hidden, dtype=dtype, device=device)
+    if num_tokens == 0:
+        return y_TH
+    grid = (num_tokens, -(-hidden // block_h))
+    kernels.combine[grid](weighted_SH, pos_TK, y_TH, hidden, top_k, weighted_SH.stride(0), y_TH.stride(0),
+                          BLOCK_H=block_h)  # fmt: skip
+    return y_TH
+
+
+def _kernels() -> ModuleType:
+    """The kernels; importing them imports triton, which only a call to this backend does."""
+    from . import triton_kernels
+
+    return triton_kernels

@@ -137,6 +137,23 @@ def test_layer_subcommand_as_user_runs_it(tmp_path):
     assert "n/m" in done.stdout and doc["generate"] is None
 
 
+def test_layer_compares_experts_backends_by_name(tmp_path):
+    from activepath import triton_moe
+
+    fused = "triton" if triton_moe.available() and triton_moe.interpreting() else "rowwise"
+    out = tmp_path / "backends"
+    impls = f"activepath:grouped,activepath:{fused},hf-batched_mm,dense"
+    assert main(["bench", "layer", *FAST, *LAYER_FAST, "--impl", impls, "--no-roofline", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["layer"]["rows"]
+    assert [r["impl"] for r in rows[:4]] == impls.split(",")
+    for r in rows:
+        assert r["max_abs_diff_vs_first_impl"] is None or r["max_abs_diff_vs_first_impl"] < 1e-4
+        assert (r["routing_overhead_ratio"] is not None) == (not r["impl"].startswith("hf-"))
+    with pytest.raises(ValueError, match="unknown experts backend 'nope'"):
+        main(["bench", "layer", *FAST, *LAYER_FAST, "--impl", "activepath:nope", "--no-roofline",
+              "--out", str(tmp_path / "x")])  # fmt: skip
+
+
 def test_generate_rejects_bad_options(tmp_path):
     with pytest.raises(ValueError, match="impl"):
         main(["bench", "generate", *FAST, "--no-roofline", "--impl", "vllm", "--out", str(tmp_path / "g")])

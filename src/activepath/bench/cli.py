@@ -62,7 +62,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
 def _layer_options(p: argparse.ArgumentParser, impl_flag: str) -> None:
     p.add_argument("--tokens", default="1,8,64,512", help="comma-separated tokens per call")
     p.add_argument(impl_flag, dest="layer_impl", default="activepath,hf-eager,hf-grouped_mm,dense",
-                   help="comma-separated: activepath, hf-eager, hf-grouped_mm, dense")
+                   help="comma-separated: activepath (--backend), activepath:BACKEND (any experts backend, e.g. "
+                        "activepath:triton), hf-eager, hf-grouped_mm, hf-batched_mm, dense")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per row, excluded")
     p.add_argument("--iters", type=int, default=20, help="most timed calls per row")
     p.add_argument("--min-iters", type=int, default=3, help="fewest timed calls per row")

@@ -24,7 +24,7 @@ from .._common import check_choice, check_positive_int
 from ..adapters import OptimizeOptions, adapter_for
 from ..combine import combine
 from ..dispatch import plan_dispatch
-from ..experts import get_backend
+from ..experts import fuses_combine, get_backend
 from ..layer import SparseMoE
 from .arith import ExpertLoad, MoEGeometry, distinct_experts, expert_load, moe_flops, percent_of, weight_bytes
 from .build import build_model, moe_blocks
@@ -34,7 +34,7 @@ from .timing import Clock, Summary, TimingPlan, progress_bar, summarize, time_ca
 
 log = logging.getLogger(__name__)
 
-LAYER_IMPLS = ("activepath", "hf-eager", "hf-grouped_mm", "dense")
+LAYER_IMPLS = ("activepath", "hf-eager", "hf-grouped_mm", "hf-batched_mm", "dense")
 _MAX_COPIES = 64
 
 
@@ -58,7 +58,10 @@ class LayerBenchConfig:
         for t in self.tokens:
             check_positive_int("tokens", t)
         for impl in self.impls:
-            check_choice("impl", impl, LAYER_IMPLS)
+            if impl.startswith("activepath:"):
+                get_backend(impl.partition(":")[2])  # raises, naming the registered backends
+            else:
+                check_choice("impl", impl, LAYER_IMPLS)
         check_positive_int("inputs", self.inputs)
         check_positive_int("max_weights_bytes", self.max_weights_bytes)
         if self.copies is not None:
@@ -120,7 +123,7 @@ def run_layer_bench(
     model, blocks, layers = _build_layers(shape, dtype, copies, config, device)
     geom = geometry(layers[0], shape.top_k)
     cold = None if llc is None else copies * shape.top_k * geom.expert_bytes >= 2 * llc
-    runners = {impl: _runner(impl, model, blocks, layers) for impl in config.impls}
+    runners = {impl: _runner(impl, model, blocks, layers, config.backend) for impl in config.impls}
     rows: list[LayerRow] = []
     loads: dict[int, ExpertLoad] = {}
     counts_by_tokens: dict[int, list[int]] = {}
@@ -203,14 +206,21 @@ def _mean_load(counts: list[torch.Tensor]) -> ExpertLoad:
 Runner = Callable[[int, torch.Tensor], tuple[torch.Tensor, dict[str, float] | None]]
 
 
-def _runner(impl: str, model: nn.Module, blocks: list[nn.Module], layers: list[SparseMoE]) -> Runner:
-    """``run(copy, x_1TH) → (y, stage seconds or None)`` for one implementation."""
-    if impl == "activepath":
+def _runner(impl: str, model: nn.Module, blocks: list[nn.Module], layers: list[SparseMoE], backend: str) -> Runner:
+    """``run(copy, x_1TH) → (y, stage seconds or None)`` for one implementation.
+    ``activepath`` runs ``backend``, ``activepath:NAME`` the experts backend NAME."""
+    if impl == "activepath" or impl.startswith("activepath:"):
+        name = impl.partition(":")[2] or backend
+
         def run(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
+            layers[c].backend = name  # the layers are shared by every activepath impl
             return _output(layers[c](x)), _stage_times(layers[c])
         return run
     if impl == "dense":
-        return lambda c, x: dense_forward(layers[c], x)
+        def run_dense(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
+            layers[c].backend = backend
+            return dense_forward(layers[c], x)
+        return run_dense
     hf_impl = impl.removeprefix("hf-")
 
     def run_hf(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
@@ -247,10 +257,14 @@ def dense_forward(layer: SparseMoE, x: torch.Tensor) -> tuple[torch.Tensor, dict
     all_ids_TE = torch.arange(num_experts, device=x.device).expand(num_tokens, num_experts)
     plan = plan_dispatch(all_ids_TE, num_experts)
     t2 = clock.now()
-    out_SH = get_backend(layer.backend)(layer.experts, x_TH, plan)
-    t3 = clock.now()
-    y_TH = combine(out_SH, plan, weights_TE)
-    t4 = clock.now()
+    if fuses_combine(layer.backend):
+        y_TH = get_backend(layer.backend)(layer.experts, x_TH, plan, topk_weights_TK=weights_TE)
+        t3 = t4 = clock.now()
+    else:
+        out_SH = get_backend(layer.backend)(layer.experts, x_TH, plan)
+        t3 = clock.now()
+        y_TH = combine(out_SH, plan, weights_TE)
+        t4 = clock.now()
     if layer.shared is not None:
         y_TH = y_TH + layer.shared(x_TH)
     t5 = clock.now()

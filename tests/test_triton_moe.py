@@ -4,6 +4,11 @@ real transformers models, and its refusals. Skipped when triton is not installed
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -137,3 +142,21 @@ def test_refusals_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_config_validation(bad: dict) -> None:
     with pytest.raises(ValueError):
         triton_moe.TritonConfig(**bad)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_the_gpu(arch: int) -> None:
+    # What the interpreter cannot check: the compiled-mode rules, lowering to PTX and cubin
+    # for Ampere / Hopper, and tensor cores for the half-precision GEMMs. Triton fixes its
+    # mode at import, so this runs in a process of its own with the interpreter off.
+    script = ("import json, sys; from activepath import triton_moe; "
+              f"ptx = triton_moe.compile_kernels({arch}); "
+              "json.dump({k: ('mma' in v, len(v)) for k, v in ptx.items()}, sys.stdout)")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert len(result) == 9 and all(size > 0 for _, size in result.values())
+    for variant, (tensor_cores, _) in result.items():
+        gemm = not variant.startswith("combine")
+        assert tensor_cores == (gemm and "fp32" not in variant), variant  # fp32 stays IEEE: no TF32

@@ -13,7 +13,8 @@ results for bf16 operands (triton 3.9).
 import triton
 import triton.language as tl
 
-SILU, GELU, GELU_TANH = 0, 1, 2
+# constexpr globals: compiled kernels may read no other module-level values
+SILU, GELU, GELU_TANH = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit

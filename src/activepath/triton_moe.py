@@ -200,3 +200,41 @@ def _kernels() -> ModuleType:
     from . import triton_kernels
 
     return triton_kernels
+
+
+def compile_kernels(arch: int = 90) -> dict[str, str]:
+    """Compile every kernel, in representative variants, for NVIDIA ``sm_{arch}``; no GPU is
+    needed (triton ships the compiler and ptxas). Returns variant → PTX. Catches what the CPU
+    interpreter cannot: compile-time rules (constexpr globals, types) and whether the bf16
+    GEMMs use tensor cores. Needs triton imported in compiled mode (TRITON_INTERPRET unset)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = _kernels()
+    target = GPUTarget("cuda", arch, 32)
+    ints = dict.fromkeys(("H", "I", "stride_xt", "stride_wn", "stride_be", "stride_hs", "stride_os"), "i32")
+    ptx: dict[str, str] = {}
+    for act, dtype, bias in (("silu", "bf16", False), ("gelu", "fp32", True), ("gelu_tanh", "fp16", False)):
+        ptrs = {"x_ptr": f"*{dtype}", "tok_ptr": "*i32", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+                "h_ptr": f"*{dtype}", "blk_e_ptr": "*i32", "blk_lo_ptr": "*i32", "blk_hi_ptr": "*i32"}  # fmt: skip
+        flags = {"ACT": _ACTIVATIONS[act], "HAS_BIAS": bias, "IEEE": dtype == "fp32", "UPCAST": False,
+                 "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}  # fmt: skip
+        signature = {**ptrs, **{k: ints[k] for k in ("H", "I", "stride_xt")}, "stride_we": "i64",
+                     **{k: ints[k] for k in ("stride_wn", "stride_be", "stride_hs")}, **dict.fromkeys(flags, "constexpr")}  # fmt: skip
+        ptx[f"gate_up_act {act} {dtype}"] = _compile(triton, ASTSource, kernels.gate_up_act, signature, flags, target)
+        down_ptrs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "sw_ptr": "*fp32",
+                     "out_ptr": "*fp32", "blk_e_ptr": "*i32", "blk_lo_ptr": "*i32", "blk_hi_ptr": "*i32"}  # fmt: skip
+        down_flags = {k: flags[k] for k in ("HAS_BIAS", "IEEE", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        down_sig = {**down_ptrs, "I": "i32", "H": "i32", "stride_hs": "i32", "stride_we": "i64", "stride_wn": "i32",
+                    "stride_be": "i32", "stride_os": "i32", **dict.fromkeys(down_flags, "constexpr")}  # fmt: skip
+        ptx[f"down_weighted {dtype}"] = _compile(triton, ASTSource, kernels.down_weighted, down_sig, down_flags, target)
+        comb_sig = {"src_ptr": "*fp32", "pos_ptr": "*i32", "y_ptr": f"*{dtype}", "H": "i32", "K": "i32",
+                    "stride_ss": "i32", "stride_yt": "i32", "BLOCK_H": "constexpr"}  # fmt: skip
+        ptx[f"combine {dtype}"] = _compile(triton, ASTSource, kernels.combine, comb_sig, {"BLOCK_H": 128}, target)
+    return ptx
+
+
+def _compile(triton: ModuleType, ast_source: type, fn: object, signature: dict, constexprs: dict, target: object) -> str:
+    source = ast_source(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=target, options={"num_warps": 4}).asm["ptx"]

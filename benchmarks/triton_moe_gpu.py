@@ -12,6 +12,8 @@
    (torch's grouped GEMM on CUDA) and transformers' ``grouped_mm``, in one run. The HBM
    bandwidth and the bf16 GEMM rate are measured in the same run, so the report gives % of
    the HBM roofline at decode and % of the measured GEMM rate at prefill.
+3. A tile sweep of the backend alone (block sizes, warps) at 1-4096 tokens, to pick the
+   defaults from measurements: PREFIX_tiles.json.
 
 Without a CUDA device it says so and exits 0. TRITON_INTERPRET must be unset.
 """
@@ -19,6 +21,7 @@ Without a CUDA device it says so and exits 0. TRITON_INTERPRET must be unset.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -73,6 +76,54 @@ def check_correctness() -> list[str]:
     return failures
 
 
+def sweep_tiles(tokens_list: list[int], iters: int = 20, *, device: str = "cuda",
+                shape: tuple[int, int, int, int] = (128, 2048, 768, 8)) -> list[dict]:
+    """The backend alone on one MoE layer (default: Qwen3-30B-A3B, bf16; cold weights: 4
+    copies rotate), for a few tile configurations, to choose the defaults from. Rates count
+    the distinct experts' weights read and 6·H·I FLOPs per slot. (``device``/``shape`` let
+    the script itself be checked on CPU under the interpreter, on a tiny layer.)"""
+    from activepath import ActivationConfig, ExpertWeights, plan_dispatch, triton_moe
+    from activepath.bench.timing import Clock
+
+    num_experts, hidden, inter, top_k = shape
+    copies, clock = 4, Clock(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, device=device, generator=gen).to(torch.bfloat16)
+
+    layers = [ExpertWeights(randn(num_experts, 2 * inter, hidden) * hidden**-0.5,
+                            randn(num_experts, hidden, inter) * inter**-0.5, ActivationConfig(kind="silu"))
+              for _ in range(copies)]  # fmt: skip
+    configs = [triton_moe.TritonConfig(block_m=m, block_n=n, block_k=k, num_warps=w)
+               for m, n, k, w in ((16, 64, 64, 4), (16, 32, 128, 4), (16, 128, 64, 4), (64, 64, 64, 4),
+                                  (64, 128, 64, 8), (128, 128, 64, 8))]  # fmt: skip
+    expert_bytes = 3 * hidden * inter * 2
+    rows = []
+    for tokens in tokens_list:
+        x = randn(tokens, hidden)
+        ids = torch.rand(tokens, num_experts, device=device, generator=gen).topk(top_k, dim=1).indices
+        w = torch.rand(tokens, top_k, device=device, generator=gen)
+        plan = plan_dispatch(ids, num_experts)
+        touched = len(plan.active_experts)
+        for config in configs:
+            if config.block_m > 16 and tokens * top_k < config.block_m * num_experts // 8:
+                continue  # big blocks only where experts get many slots
+            times = []
+            for i in range(iters + 3):
+                start = clock.now()
+                triton_moe.triton_experts(layers[i % copies], x, plan, topk_weights_TK=w, config=config)
+                if i >= 3:
+                    times.append(clock.now() - start)
+            median = sorted(times)[len(times) // 2]
+            rows.append({"tokens": tokens, "config": config.__dict__, "median_ms": median * 1e3,
+                         "GBps": touched * expert_bytes / median / 1e9,
+                         "TFLOPs": 6 * hidden * inter * tokens * top_k / median / 1e12})  # fmt: skip
+            print(f"T={tokens} {config}: {median * 1e3:.3f} ms, {rows[-1]['GBps']:.0f} GB/s, "
+                  f"{rows[-1]['TFLOPs']:.1f} TFLOP/s", flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="output prefix of the bench JSON / Markdown")
@@ -92,6 +143,8 @@ def main() -> int:
             "--tokens", args.tokens, "--iters", args.iters, "--impl", "activepath:triton,activepath:grouped,hf-grouped_mm",
             "--llc-mib", "50", "--no-progress", "--out", args.out]  # fmt: skip
     rc = activepath_main(argv)
+    sweep = sweep_tiles([1, 8, 64, 512, 4096])
+    Path(f"{args.out}_tiles.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": sweep}, indent=1))
     return rc or (1 if failures else 0)
 
 

@@ -280,6 +280,32 @@ def test_plan_and_combine_match_torch_bitwise(tokens: int, k: int, experts: int)
 
 
 @needs_native
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_combine_widens_bf16_exactly(out_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
+    # bf16 expert outputs / routing weights: the same bits as the torch path, which widens
+    # them to fp32 before the products (and through activepath.combine, cast back).
+    from activepath import combine, plan_dispatch as plan_of
+
+    gen = torch.Generator().manual_seed(5)
+    ids_TK = torch.randint(0, 7, (13, 3), generator=gen)
+    plan = plan_of(ids_TK, 7)
+    out_SH = torch.randn(39, 300, generator=gen).to(out_dtype)
+    weights_TK = torch.rand(13, 3, generator=gen).to(w_dtype)
+    got = native.combine(out_SH, weights_TK, plan.order_S, plan.token_idx_S, 13)
+    scaled = out_SH.float() * weights_TK.reshape(-1)[plan.order_S].float().unsqueeze(1)
+    want = torch.zeros(13, 300).index_add_(0, plan.token_idx_S, scaled)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    y = combine(out_SH.clone(), plan, weights_TK)
+    assert y.dtype == out_dtype and torch.equal(y, want.to(out_dtype))
+    native.set_enabled(False)
+    try:
+        assert torch.equal(combine(out_SH.clone(), plan, weights_TK), y)  # the torch path
+    finally:
+        native.set_enabled(True)
+
+
+@needs_native
 def test_plan_rejects_out_of_range_ids() -> None:
     with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
         native.plan_dispatch(torch.tensor([0, 4]), 1, 4)

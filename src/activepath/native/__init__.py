@@ -156,7 +156,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ap_route_softmax_topk": [ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr, ptr,
                                   i64, i64, ctypes.c_int],
         "ap_plan_dispatch": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr],
-        "ap_combine": [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int],
+        "ap_combine": [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int],
     }
     for name, argtypes in glue.items():
         getattr(lib, name).argtypes = argtypes
@@ -450,7 +450,7 @@ def combine(
     """``y[t] = sum over sorted slots j of token t, in order, of out[j] * w[order[j]]``, fp32,
     each product rounded before its add (no FMA)."""
     if not combine_inputs_fit(out_SH, weights_TK, order_S, token_idx_S):
-        raise TypeError("combine needs contiguous CPU tensors: out/weights float32, order/token_idx int64")
+        raise TypeError("combine needs contiguous CPU tensors: out/weights float32 or bfloat16, order/token_idx int64")
     return _combine(out_SH, weights_TK, order_S, token_idx_S, num_tokens)
 
 
@@ -461,7 +461,7 @@ def combine_inputs_fit(
     (``combine.combine``) call ``_combine`` and skip a second check."""
     # One flat expression, not a loop over the four: this runs once per layer per decode step.
     return (
-        out_SH.dtype == weights_TK.dtype == torch.float32
+        out_SH.dtype in _COMBINE_DTYPES and weights_TK.dtype in _COMBINE_DTYPES
         and order_S.dtype == token_idx_S.dtype == torch.int64
         and out_SH.device.type == weights_TK.device.type == order_S.device.type == token_idx_S.device.type == "cpu"
         and out_SH.is_contiguous() and weights_TK.is_contiguous()
@@ -469,14 +469,19 @@ def combine_inputs_fit(
     )  # fmt: skip
 
 
+_COMBINE_DTYPES = (torch.float32, torch.bfloat16)  # widened exactly to fp32 in the kernel
+
+
 def _combine(
     out_SH: torch.Tensor, weights_TK: torch.Tensor, order_S: torch.Tensor, token_idx_S: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
+    """y_TH in fp32 (the caller casts it to the activations' dtype)."""
     num_slots, hidden = out_SH.shape
     if order_S.shape != (num_slots,) or token_idx_S.shape != (num_slots,):
         raise ValueError(f"order and token_idx must be [{num_slots}], got {tuple(order_S.shape)}, {tuple(token_idx_S.shape)}")
     y_TH = torch.empty(num_tokens, hidden, dtype=torch.float32)
     threads = _threads_for(4 * out_SH.numel())
-    _call("ap_combine", out_SH.data_ptr(), num_slots, hidden, weights_TK.data_ptr(), order_S.data_ptr(),
-          weights_TK.numel(), token_idx_S.data_ptr(), num_tokens, y_TH.data_ptr(), threads)  # fmt: skip
+    _call("ap_combine", out_SH.data_ptr(), int(out_SH.dtype == torch.bfloat16), num_slots, hidden,
+          weights_TK.data_ptr(), int(weights_TK.dtype == torch.bfloat16), order_S.data_ptr(), weights_TK.numel(),
+          token_idx_S.data_ptr(), num_tokens, y_TH.data_ptr(), threads)  # fmt: skip
     return y_TH

@@ -10,6 +10,7 @@
 // depend on the batch: the same contract as the GEMM kernels.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -26,6 +27,38 @@ void select_topk(const float* row, int64_t E, int64_t K, int64_t* ids) {
         for (int64_t j = K - 1; j > pos; --j) ids[j] = ids[j - 1];
         ids[pos] = e;
     }
+}
+
+inline float widen(float v) { return v; }
+inline float widen(uint16_t bf16) {  // a bf16 is the top half of an fp32: exact
+    uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+template <typename O, typename Wt>
+__attribute__((optimize("fp-contract=off")))
+int combine(const O* out, int64_t S, int64_t H, const Wt* weights, const int64_t* order, const int64_t* token_idx,
+            int64_t T, float* y, int num_threads) {
+    const int64_t chunk = 256;
+    const int64_t chunks = (H + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t h0 = c * chunk, h1 = h0 + chunk < H ? h0 + chunk : H;
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = h0; h < h1; ++h) y[t * H + h] = 0.0f;
+        for (int64_t j = 0; j < S; ++j) {
+            const float wj = widen(weights[order[j]]);
+            const O* src = out + j * H;
+            float* dst = y + token_idx[j] * H;
+            for (int64_t h = h0; h < h1; ++h) {
+                const float product = widen(src[h]) * wj;
+                dst[h] = dst[h] + product;
+            }
+        }
+    }
+    return 0;
 }
 
 }  // namespace
@@ -109,30 +142,23 @@ int ap_plan_dispatch(const int64_t* ids, int64_t S, int64_t K, int64_t E, int64_
 // y[token_idx[j]] += out[j] * weights[order[j]] (weights: [T * K], slot order),
 // the product rounded to fp32 before the add (no FMA: the same bits as scaling the rows first,
 // then index_add_). Parallel over columns of H only, so each element's sum order is fixed.
-__attribute__((optimize("fp-contract=off")))
-int ap_combine(const float* out, int64_t S, int64_t H, const float* weights, const int64_t* order,
-               int64_t num_slots, const int64_t* token_idx, int64_t T, float* y, int num_threads) {
+// out and weights are fp32 or bf16 (out_bf16 / w_bf16), widened exactly to fp32: the same
+// bits as the torch path, which converts them to fp32 first. y is fp32.
+int ap_combine(const void* out, int out_bf16, int64_t S, int64_t H, const void* weights, int w_bf16,
+               const int64_t* order, int64_t num_slots, const int64_t* token_idx, int64_t T, float* y,
+               int num_threads) {
     if (S < 0 || H <= 0 || T < 0) return 1;
     for (int64_t j = 0; j < S; ++j)
         if (token_idx[j] < 0 || token_idx[j] >= T || order[j] < 0 || order[j] >= num_slots) return 2;
-    const int64_t chunk = 256;
-    const int64_t chunks = (H + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t h0 = c * chunk, h1 = h0 + chunk < H ? h0 + chunk : H;
-        for (int64_t t = 0; t < T; ++t)
-            for (int64_t h = h0; h < h1; ++h) y[t * H + h] = 0.0f;
-        for (int64_t j = 0; j < S; ++j) {
-            const float wj = weights[order[j]];
-            const float* src = out + j * H;
-            float* dst = y + token_idx[j] * H;
-            for (int64_t h = h0; h < h1; ++h) {
-                const float product = src[h] * wj;
-                dst[h] = dst[h] + product;
-            }
-        }
-    }
-    return 0;
+    if (out_bf16)
+        return w_bf16 ? combine(static_cast<const uint16_t*>(out), S, H, static_cast<const uint16_t*>(weights),
+                                order, token_idx, T, y, num_threads)
+                      : combine(static_cast<const uint16_t*>(out), S, H, static_cast<const float*>(weights),
+                                order, token_idx, T, y, num_threads);
+    return w_bf16 ? combine(static_cast<const float*>(out), S, H, static_cast<const uint16_t*>(weights), order,
+                            token_idx, T, y, num_threads)
+                  : combine(static_cast<const float*>(out), S, H, static_cast<const float*>(weights), order,
+                            token_idx, T, y, num_threads);
 }
 
 }  // extern "C"

@@ -128,6 +128,9 @@ def test_refusals_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
                             ActivationConfig(kind="clamped_swiglu", interleaved=True), transposed=True)  # fmt: skip
     with pytest.raises(RuntimeError, match="GPT-OSS"):
         triton_moe.triton_experts(gpt_oss, x, plan, topk_weights_TK=w)
+    strided = ExpertWeights(torch.randn(E, H, 2 * I).transpose(1, 2), torch.randn(E, H, I), ActivationConfig())
+    with pytest.raises(RuntimeError, match="contiguous along their last dimension"):
+        triton_moe.triton_experts(strided, x, plan, topk_weights_TK=w)
     with pytest.raises(RuntimeError, match="float64"):
         triton_moe.triton_experts(_weights(dtype=torch.float64), x.double(), plan, topk_weights_TK=w)
     monkeypatch.setattr(triton_moe, "interpreting", lambda: False)  # as on a CPU-only machine without it

@@ -113,6 +113,9 @@ def unsupported_reason(weights: ExpertWeights, x_TH: torch.Tensor) -> str | None
         return f"activations {x_TH.dtype} with {weights.dtype} weights (expected the same float dtype)"
     if x_TH.device != weights.w_gate_up.device:
         return f"activations on {x_TH.device}, weights on {weights.w_gate_up.device}"
+    tensors = [t for t in (weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down) if t is not None]
+    if any(t.stride(-1) != 1 for t in tensors):
+        return "expert weights and biases must be contiguous along their last dimension (the kernels' K)"
     return None
 
 

@@ -259,3 +259,27 @@ def test_a_backend_that_fuses_the_combine(monkeypatch: pytest.MonkeyPatch) -> No
     assert calls == [(9, K)] and layer.last_stats.combine_s < layer.last_stats.experts_s
     with pytest.raises(ValueError, match="workspace"):
         register_backend("test_fused_ws", fused, fuses_combine=True, uses_workspace=True)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 13])
+def test_accelerator_combine_is_a_deterministic_gather_sum(tokens: int) -> None:
+    # Off the CPU, combine() sums each token's rows with a gather and a sum instead of
+    # index_add_ (atomics on a GPU: run-to-run different sums). Same values as the CPU path,
+    # capacity-dropped slots included; on the meta device the path runs end to end.
+    import importlib
+
+    combine_mod = importlib.import_module("activepath.combine")  # the module (the package exports the function)
+
+    gen = torch.Generator().manual_seed(tokens)
+    ids_TK = torch.randint(0, E, (tokens, 3), generator=gen)
+    kept_TK = torch.rand(tokens, 3, generator=gen) > 0.25
+    plan = plan_dispatch(ids_TK, E, kept_TK)
+    out_SH = torch.randn(plan.order_S.shape[0], H, generator=gen)
+    w_TK = torch.rand(tokens, 3, generator=gen)
+    weighted_SH = out_SH * w_TK.reshape(-1).index_select(0, plan.order_S).unsqueeze(1)
+    got = combine_mod._gather_sum(weighted_SH, plan)
+    assert got.shape == (tokens, H)
+    torch.testing.assert_close(got, combine(out_SH.clone(), plan, w_TK), rtol=1e-6, atol=1e-6)
+    assert torch.equal(got, combine_mod._gather_sum(weighted_SH, plan))
+    on_meta = type(plan)(**{f: (v.to("meta") if isinstance(v, torch.Tensor) else v) for f, v in plan.__dict__.items()})
+    assert combine(out_SH.to("meta"), on_meta, w_TK.to("meta")).shape == (tokens, H)

@@ -31,8 +31,23 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
         weighted_SH = out_sorted_SH.mul_(w_sorted_S1)
     else:
         weighted_SH = out_sorted_SH.to(acc) * w_sorted_S1
+    if out_sorted_SH.device.type != "cpu":
+        return _gather_sum(weighted_SH, plan).to(out_sorted_SH.dtype)
     y_TH = torch.zeros(plan.num_tokens, out_sorted_SH.shape[1], dtype=acc, device=out_sorted_SH.device)
     return y_TH.index_add_(0, plan.token_idx_S, weighted_SH).to(out_sorted_SH.dtype)
+
+
+def _gather_sum(weighted_SH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """y_TH[t] = sum of token t's weighted rows, as a gather then a sum over K: on an
+    accelerator ``index_add_`` adds with atomics, in an order that changes from run to run.
+    This is deterministic there. Each token's rows are taken in ascending sorted position
+    (= ascending expert, the CPU order); slots a capacity stage dropped read a zero row."""
+    num_slots, hidden = weighted_SH.shape
+    pos_S = torch.full((plan.num_tokens * plan.top_k,), num_slots, dtype=torch.long, device=weighted_SH.device)
+    pos_S[plan.order_S] = torch.arange(num_slots, device=weighted_SH.device)
+    pos_TK = pos_S.view(plan.num_tokens, plan.top_k).sort(dim=1).values
+    padded_SH = torch.cat([weighted_SH, weighted_SH.new_zeros(1, hidden)])  # row num_slots: dropped slots
+    return padded_SH[pos_TK].sum(dim=1)
 
 
 def _native_applies(out_sorted_SH: torch.Tensor, topk_weights_TK: torch.Tensor, plan: DispatchPlan) -> bool:

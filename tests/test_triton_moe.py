@@ -163,3 +163,20 @@ def test_kernels_compile_for_the_gpu(arch: int) -> None:
     for variant, (tensor_cores, _) in result.items():
         gemm = not variant.startswith("combine")
         assert tensor_cores == (gemm and "fp32" not in variant), variant  # fp32 stays IEEE: no TF32
+
+
+def test_other_tiles_are_one_registration_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from activepath import experts
+
+    monkeypatch.setattr(experts, "_BACKENDS", dict(experts._BACKENDS))
+    monkeypatch.setattr(experts, "_FUSES_COMBINE", set(experts._FUSES_COMBINE))
+    tiles = triton_moe.TritonConfig(block_m=32, block_n=16, block_k=32)
+    activepath.register_backend("triton_m32", functools.partial(triton_moe.triton_experts, config=tiles),
+                                fuses_combine=True)  # fmt: skip
+    reference, model = tiny_model("olmoe"), tiny_model("olmoe")
+    activepath.optimize(model, backend="triton_m32")
+    ids = torch.randint(3, 160, (1, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max().item() <= MODEL_LOGITS_ATOL_FP32

@@ -19,6 +19,11 @@ Where it runs: CUDA tensors, or CPU tensors under Triton's interpreter
 (GPT-OSS's transposed, interleaved experts and clamped SwiGLU; no Triton; CPU tensors without
 the interpreter) the backend says why, with a clear error.
 
+Other tile sizes are one registration away (the defaults are not yet tuned on a GPU):
+
+    register_backend("triton_m64", functools.partial(triton_experts, config=TritonConfig(block_m=64)),
+                     fuses_combine=True)
+
 Shape legend: T tokens, K experts per token, S = T*K slots (sorted by expert), H hidden,
 I expert intermediate, E experts, B blocks.
 """

@@ -77,7 +77,9 @@ def test_all_tokens_on_one_expert_and_idle_experts() -> None:
     _check(_weights(), torch.randn(11, H), ids_TK, w_TK, TILES[1])
 
 
-def test_blocks_cover_each_expert_run_once() -> None:
+@pytest.mark.parametrize("list_max_blocks", [256, 0])  # both ways of building the table
+def test_blocks_cover_each_expert_run_once(list_max_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_moe, "_LIST_MAX_BLOCKS", list_max_blocks)
     ids_TK, _ = _routing(41, 3, seed=5, experts=(0, 2, 3))
     plan = plan_dispatch(ids_TK, E)
     blocks = triton_moe.plan_blocks(plan, 16, torch.device("cpu"))

@@ -92,13 +92,27 @@ class BlockPlan:
 
 
 def plan_blocks(plan: DispatchPlan, block_m: int, device: torch.device) -> BlockPlan:
-    """Cut every active expert's run of sorted slots into blocks of at most ``block_m``.
-    ``plan.offsets`` are host ints already, so this costs one host → device copy."""
-    rows = [(e, lo, min(lo + block_m, hi)) for e, start, hi in plan.segments for lo in range(start, hi, block_m)]
-    table = torch.tensor(rows or [(0, 0, 0)], dtype=torch.int32).t().contiguous().to(device)
-    if not rows:
-        table = table[:, :0]
+    """Cut every active expert's run of sorted slots into blocks of at most ``block_m``,
+    on the host from ``plan``'s counts (host ints already), then one host → device copy.
+    A Python list while blocks are few (decode: ~20 us for 8 blocks), tensor ops past
+    ``_LIST_MAX_BLOCKS`` (a 4096-token prefill: ~2000 blocks in 0.15 ms instead of 0.8)."""
+    if sum((c + block_m - 1) // block_m for c in plan.counts) <= _LIST_MAX_BLOCKS:
+        rows = [(e, lo, min(lo + block_m, hi)) for e, start, hi in plan.segments for lo in range(start, hi, block_m)]
+        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).t()
+    else:
+        counts_E = torch.tensor(plan.counts, dtype=torch.int64)
+        starts_E = torch.tensor(plan.offsets[:-1], dtype=torch.int64)
+        blocks_E = (counts_E + block_m - 1) // block_m
+        expert_B = torch.repeat_interleave(torch.arange(len(plan.counts)), blocks_E)
+        first_E = torch.cumsum(blocks_E, 0) - blocks_E  # each expert's first block
+        lo_B = starts_E[expert_B] + (torch.arange(expert_B.shape[0]) - first_E[expert_B]) * block_m
+        hi_B = torch.minimum(lo_B + block_m, starts_E[expert_B] + counts_E[expert_B])
+        table = torch.stack([expert_B, lo_B, hi_B]).to(torch.int32)
+    table = table.contiguous().to(device)
     return BlockPlan(table[0], table[1], table[2])
+
+
+_LIST_MAX_BLOCKS = 256
 
 
 def unsupported_reason(weights: ExpertWeights, x_TH: torch.Tensor) -> str | None:

@@ -114,6 +114,9 @@ def test_generate_reports_where_the_time_goes(all_report):
     md = out.with_suffix(".md").read_text()
     assert "### Where the time goes" in md and "| activepath prefill ms | activepath decode ms/step |" in md
     assert "| experts |" in md and "| **total** |" in md
+    assert "| hf / activepath prefill | hf / activepath decode |" in md  # where the speed-up comes from
+    total = next(line for line in md.splitlines() if line.startswith("| **total** |"))
+    assert total.count("×") == 2
 
 
 def test_generate_without_breakdown(tmp_path):

@@ -183,22 +183,38 @@ def _breakdown_md(gen: dict[str, Any]) -> list[str]:
     components = [c for c in rows[0]["breakdown"]["prefill"]["ms"]
                   if any(abs(r["breakdown"][phase]["ms"][c]) >= 0.005 for r in rows for phase in ("prefill", "decode"))]
     head = " | ".join(f"{r['impl']} prefill ms | {r['impl']} decode ms/step" for r in rows)
+    # With several impls: the last one's time over the first's, per component (the first is
+    # activepath and the last transformers in the usual runs): where the speed-up comes from.
+    first, last = rows[0], rows[-1]
+    ratio = len(rows) > 1
+    if ratio:
+        head += f" | {last['impl']} / {first['impl']} prefill | {last['impl']} / {first['impl']} decode"
     lines = ["### Where the time goes", "",
              "Instrumented generations, one per impl after each timed one on the same prompt (forward hooks; "
              "their totals are not the timed figures above), averaged per forward. activepath's MoE stages come from its layers' stage clocks; a transformers "
              "block's experts module dispatches, computes and combines in one call, so those fall under "
              "experts. rest = the forward's wall time minus the timed components (embedding, norms, residual "
              "adds, the decoder loop, the hooks themselves).", "",
-             f"| component | {head} |", "|---|" + "---:|---:|" * len(rows)]  # fmt: skip
+             f"| component | {head} |", "|---|" + "---:|---:|" * (len(rows) + ratio)]  # fmt: skip
 
     def cell(phase: dict[str, Any], component: str) -> str:
         ms = phase["ms"][component] if component else phase["total_ms"]
         share = f" ({100 * ms / phase['total_ms']:.0f} %)" if component and phase["total_ms"] > 0 else ""
         return f"{ms:.2f}{share}"
 
+    def times(row: dict[str, Any], phase: str, component: str) -> float:
+        figures = row["breakdown"][phase]
+        return figures["ms"][component] if component else figures["total_ms"]
+
+    def speedup(phase: str, component: str) -> str:
+        ours, theirs = times(first, phase, component), times(last, phase, component)
+        return f"{theirs / ours:.2f}×" if ours >= 0.005 and theirs >= 0.005 else "—"
+
     for component in [*components, ""]:
         cells = " | ".join(f"{cell(r['breakdown']['prefill'], component)} | {cell(r['breakdown']['decode'], component)}"
                            for r in rows)  # fmt: skip
+        if ratio:
+            cells += f" | {speedup('prefill', component)} | {speedup('decode', component)}"
         lines.append(f"| {component or '**total**'} | {cells} |")
     return lines + [""]
 

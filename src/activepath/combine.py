@@ -40,14 +40,21 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
 def _gather_sum(weighted_SH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """y_TH[t] = sum of token t's weighted rows, as a gather then a sum over K: on an
     accelerator ``index_add_`` adds with atomics, in an order that changes from run to run.
-    This is deterministic there. Each token's rows are taken in ascending sorted position
-    (= ascending expert, the CPU order); slots a capacity stage dropped read a zero row."""
+    This is deterministic there. Slots a capacity stage dropped read a zero row."""
     num_slots, hidden = weighted_SH.shape
-    pos_S = torch.full((plan.num_tokens * plan.top_k,), num_slots, dtype=torch.long, device=weighted_SH.device)
-    pos_S[plan.order_S] = torch.arange(num_slots, device=weighted_SH.device)
-    pos_TK = pos_S.view(plan.num_tokens, plan.top_k).sort(dim=1).values
+    pos_TK = token_slot_positions(plan, missing=num_slots, dtype=torch.long)
     padded_SH = torch.cat([weighted_SH, weighted_SH.new_zeros(1, hidden)])  # row num_slots: dropped slots
     return padded_SH[pos_TK].sum(dim=1)
+
+
+def token_slot_positions(plan: DispatchPlan, *, missing: int, dtype: torch.dtype) -> torch.Tensor:
+    """pos_TK: where each token's K slots sit in sorted order, ascending along K (= ascending
+    expert, the order the CPU combine adds them in); ``missing`` for slots a capacity stage
+    dropped. On the device of ``plan.order_S``."""
+    device = plan.order_S.device
+    pos_S = torch.full((plan.num_tokens * plan.top_k,), missing, dtype=dtype, device=device)
+    pos_S[plan.order_S] = torch.arange(plan.order_S.shape[0], dtype=dtype, device=device)
+    return pos_S.view(plan.num_tokens, plan.top_k).sort(dim=1).values
 
 
 def _native_applies(out_sorted_SH: torch.Tensor, topk_weights_TK: torch.Tensor, plan: DispatchPlan) -> bool:

@@ -38,6 +38,7 @@ from types import ModuleType
 
 import torch
 
+from .combine import token_slot_positions
 from .dispatch import DispatchPlan
 from .experts import ExpertWeights
 
@@ -202,13 +203,8 @@ def combine_sorted(weighted_SH: torch.Tensor, plan: DispatchPlan, dtype: torch.d
     ``dtype``. Slots a capacity stage dropped are absent from the plan and add nothing."""
     kernels = _kernels()
     num_tokens, top_k, hidden = plan.num_tokens, plan.top_k, weighted_SH.shape[1]
-    device = weighted_SH.device
-    # pos_TK: where slot (t, k) sits in sorted order (-1: dropped), each token's row
-    # ascending so the kernel adds in expert order.
-    pos_S = torch.full((num_tokens * top_k,), -1, dtype=torch.int32, device=device)
-    pos_S[plan.order_S] = torch.arange(plan.order_S.shape[0], dtype=torch.int32, device=device)
-    pos_TK = pos_S.view(num_tokens, top_k).sort(dim=1).values.contiguous()
-    y_TH = torch.empty(num_tokens, hidden, dtype=dtype, device=device)
+    pos_TK = token_slot_positions(plan, missing=-1, dtype=torch.int32).contiguous()  # the kernel skips -1
+    y_TH = torch.empty(num_tokens, hidden, dtype=dtype, device=weighted_SH.device)
     if num_tokens == 0:
         return y_TH
     grid = (num_tokens, -(-hidden // block_h))
@@ -235,15 +231,14 @@ def compile_kernels(arch: int = 90) -> dict[str, str]:
 
     kernels = _kernels()
     target = GPUTarget("cuda", arch, 32)
-    ints = dict.fromkeys(("H", "I", "stride_xt", "stride_wn", "stride_be", "stride_hs", "stride_os"), "i32")
     ptx: dict[str, str] = {}
     for act, dtype, bias in (("silu", "bf16", False), ("gelu", "fp32", True), ("gelu_tanh", "fp16", False)):
         ptrs = {"x_ptr": f"*{dtype}", "tok_ptr": "*i32", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
                 "h_ptr": f"*{dtype}", "blk_e_ptr": "*i32", "blk_lo_ptr": "*i32", "blk_hi_ptr": "*i32"}  # fmt: skip
         flags = {"ACT": _ACTIVATIONS[act], "HAS_BIAS": bias, "IEEE": dtype == "fp32", "UPCAST": False,
                  "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}  # fmt: skip
-        signature = {**ptrs, **{k: ints[k] for k in ("H", "I", "stride_xt")}, "stride_we": "i64",
-                     **{k: ints[k] for k in ("stride_wn", "stride_be", "stride_hs")}, **dict.fromkeys(flags, "constexpr")}  # fmt: skip
+        signature = {**ptrs, "H": "i32", "I": "i32", "stride_xt": "i32", "stride_we": "i64", "stride_wn": "i32",
+                     "stride_be": "i32", "stride_hs": "i32", **dict.fromkeys(flags, "constexpr")}  # fmt: skip
         ptx[f"gate_up_act {act} {dtype}"] = _compile(triton, ASTSource, kernels.gate_up_act, signature, flags, target)
         down_ptrs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "sw_ptr": "*fp32",
                      "out_ptr": "*fp32", "blk_e_ptr": "*i32", "blk_lo_ptr": "*i32", "blk_hi_ptr": "*i32"}  # fmt: skip

@@ -85,7 +85,7 @@ def _generate_options(p: argparse.ArgumentParser, impl_flag: str) -> None:
     p.add_argument("--watts-per-core", type=float, default=10.0,
                    help="CPU energy estimate: watts per busy core (assumption, default 10)")
     p.add_argument("--no-breakdown", action="store_true",
-                   help="skip the per-component time breakdown (one extra instrumented generation per impl)")
+                   help="skip the per-component time breakdown (an instrumented generation after each timed one)")
 
 
 def _run(args: argparse.Namespace, kind: str, parser: argparse.ArgumentParser) -> int:

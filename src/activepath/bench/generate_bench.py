@@ -48,7 +48,7 @@ class GenerateConfig:
     watts_per_core: float = 10.0
     backend: str = "grouped"
     seed: int = 0
-    breakdown: bool = True  # also time each component, in one extra instrumented generation per impl
+    breakdown: bool = True  # also time each component: an instrumented generation after each timed one
 
     def __post_init__(self) -> None:
         for name in ("prompt", "batch", "repeats"):
@@ -99,7 +99,7 @@ class GenerateRow:
     decode_median_ms_by_prompt: list[float] = field(default_factory=list)
     decode_p95_over_p50_by_prompt: list[float] = field(default_factory=list)
     decode_roofline_pct_by_prompt: list[float] | None = None
-    # Where the time goes (its own instrumented generation on the first prompt; None: not run).
+    # Where the time goes: the mean over the instrumented generations, one per prompt (None: not run).
     breakdown: TimeBreakdown | None = None
 
 

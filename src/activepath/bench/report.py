@@ -197,22 +197,21 @@ def _breakdown_md(gen: dict[str, Any]) -> list[str]:
              "adds, the decoder loop, the hooks themselves).", "",
              f"| component | {head} |", "|---|" + "---:|---:|" * (len(rows) + ratio)]  # fmt: skip
 
-    def cell(phase: dict[str, Any], component: str) -> str:
-        ms = phase["ms"][component] if component else phase["total_ms"]
-        share = f" ({100 * ms / phase['total_ms']:.0f} %)" if component and phase["total_ms"] > 0 else ""
-        return f"{ms:.2f}{share}"
-
     def times(row: dict[str, Any], phase: str, component: str) -> float:
+        """ms of ``component`` in ``phase`` ("": the total)."""
         figures = row["breakdown"][phase]
         return figures["ms"][component] if component else figures["total_ms"]
+
+    def cell(row: dict[str, Any], phase: str, component: str) -> str:
+        ms, total = times(row, phase, component), times(row, phase, "")
+        return f"{ms:.2f} ({100 * ms / total:.0f} %)" if component and total > 0 else f"{ms:.2f}"
 
     def speedup(phase: str, component: str) -> str:
         ours, theirs = times(first, phase, component), times(last, phase, component)
         return f"{theirs / ours:.2f}×" if ours >= 0.005 and theirs >= 0.005 else "—"
 
     for component in [*components, ""]:
-        cells = " | ".join(f"{cell(r['breakdown']['prefill'], component)} | {cell(r['breakdown']['decode'], component)}"
-                           for r in rows)  # fmt: skip
+        cells = " | ".join(f"{cell(r, 'prefill', component)} | {cell(r, 'decode', component)}" for r in rows)
         if ratio:
             cells += f" | {speedup('prefill', component)} | {speedup('decode', component)}"
         lines.append(f"| {component or '**total**'} | {cells} |")

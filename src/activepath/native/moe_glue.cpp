@@ -10,8 +10,9 @@
 // depend on the batch: the same contract as the GEMM kernels.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "bf16.h"
 
 namespace {
 
@@ -29,14 +30,6 @@ void select_topk(const float* row, int64_t E, int64_t K, int64_t* ids) {
     }
 }
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t bf16) {  // a bf16 is the top half of an fp32: exact
-    uint32_t bits = static_cast<uint32_t>(bf16) << 16;
-    float v;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
-}
-
 template <typename O, typename Wt>
 __attribute__((optimize("fp-contract=off")))
 int combine(const O* out, int64_t S, int64_t H, const Wt* weights, const int64_t* order, const int64_t* token_idx,
@@ -49,11 +42,11 @@ int combine(const O* out, int64_t S, int64_t H, const Wt* weights, const int64_t
         for (int64_t t = 0; t < T; ++t)
             for (int64_t h = h0; h < h1; ++h) y[t * H + h] = 0.0f;
         for (int64_t j = 0; j < S; ++j) {
-            const float wj = widen(weights[order[j]]);
+            const float wj = to_f32(weights[order[j]]);
             const O* src = out + j * H;
             float* dst = y + token_idx[j] * H;
             for (int64_t h = h0; h < h1; ++h) {
-                const float product = widen(src[h]) * wj;
+                const float product = to_f32(src[h]) * wj;
                 dst[h] = dst[h] + product;
             }
         }

@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "work_items.h"
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -52,14 +53,6 @@ static inline v16 load16(const uint16_t* p) {
     return v;
 }
 
-static inline float to_f32(float w) { return w; }
-
-static inline float to_f32(uint16_t w) {
-    const uint32_t bits = static_cast<uint32_t>(w) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-}
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));

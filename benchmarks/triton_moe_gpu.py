@@ -13,7 +13,13 @@
    bandwidth and the bf16 GEMM rate are measured in the same run, so the report gives % of
    the HBM roofline at decode and % of the measured GEMM rate at prefill.
 3. A tile sweep of the backend alone (block sizes, warps) at 1-4096 tokens, to pick the
-   defaults from measurements: PREFIX_tiles.json.
+   defaults from measurements: PREFIX_tiles.json. Each configuration is timed twice: per
+   call (block plan on the host, its copy, three launches) and as the three kernels alone,
+   replayed from a CUDA graph with the block plan built beforehand. The difference is host
+   overhead.
+
+Each part runs even when an earlier one failed (the traceback is printed), so one run of
+the lease returns everything that works.
 
 Without a CUDA device it says so and exits 0. TRITON_INTERPRET must be unset.
 """
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -59,9 +66,9 @@ def check_correctness() -> list[str]:
                 scores = torch.rand(tokens, num_experts, generator=gen)
                 ids = torch.full((tokens, 1), 5) if one_expert else scores.topk(top_k, dim=1).indices
                 w = torch.rand(tokens, ids.shape[1], generator=gen)
+                expected = moe_oracle(weights, x, ids, w)  # first: .cuda() below moves the weights
                 plan = plan_dispatch(ids.cuda(), num_experts)
                 y = triton_moe.triton_experts(weights.cuda(), x.cuda(), plan, topk_weights_TK=w.cuda())
-                expected = moe_oracle(weights, x, ids, w)
                 err = (y.cpu().double() - expected).abs().max().item()
                 if not err <= tolerance(dtype).bound(expected):
                     failures.append(f"{dtype} {act} T={tokens} k={ids.shape[1]}: max abs err {err:.3g}")
@@ -96,8 +103,9 @@ def sweep_tiles(tokens_list: list[int], iters: int = 20, *, device: str = "cuda"
                             randn(num_experts, hidden, inter) * inter**-0.5, ActivationConfig(kind="silu"))
               for _ in range(copies)]  # fmt: skip
     configs = [triton_moe.TritonConfig(block_m=m, block_n=n, block_k=k, num_warps=w)
-               for m, n, k, w in ((16, 64, 64, 4), (16, 32, 128, 4), (16, 128, 64, 4), (64, 64, 64, 4),
-                                  (64, 128, 64, 8), (128, 128, 64, 8))]  # fmt: skip
+               for m, n, k, w in ((16, 64, 64, 4), (16, 32, 128, 4), (16, 32, 64, 2), (16, 16, 256, 4),
+                                  (16, 128, 64, 4), (32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 64, 8),
+                                  (128, 128, 64, 8))]  # fmt: skip
     expert_bytes = 3 * hidden * inter * 2
     rows = []
     for tokens in tokens_list:
@@ -116,12 +124,59 @@ def sweep_tiles(tokens_list: list[int], iters: int = 20, *, device: str = "cuda"
                 if i >= 3:
                     times.append(clock.now() - start)
             median = sorted(times)[len(times) // 2]
+            kernels = _kernels_only_ms(layers, x, plan, w, config, iters) if device == "cuda" else None
             rows.append({"tokens": tokens, "config": config.__dict__, "median_ms": median * 1e3,
                          "GBps": touched * expert_bytes / median / 1e9,
-                         "TFLOPs": 6 * hidden * inter * tokens * top_k / median / 1e12})  # fmt: skip
+                         "TFLOPs": 6 * hidden * inter * tokens * top_k / median / 1e12,
+                         "kernels_median_ms": kernels,
+                         "kernels_GBps": None if kernels is None else touched * expert_bytes / kernels / 1e6})  # fmt: skip
+            graph = "" if kernels is None else f"; kernels alone (graph) {kernels:.3f} ms, {rows[-1]['kernels_GBps']:.0f} GB/s"
             print(f"T={tokens} {config}: {median * 1e3:.3f} ms, {rows[-1]['GBps']:.0f} GB/s, "
-                  f"{rows[-1]['TFLOPs']:.1f} TFLOP/s", flush=True)
+                  f"{rows[-1]['TFLOPs']:.1f} TFLOP/s{graph}", flush=True)
     return rows
+
+
+def _kernels_only_ms(layers: list, x: torch.Tensor, plan: object, w: torch.Tensor, config: object,
+                     iters: int) -> float | None:  # fmt: skip
+    """Median ms of the three kernels alone: block plan built once, one CUDA graph per weight
+    copy, replayed in rotation between two events (None, with the reason printed, if capture
+    fails)."""
+    from activepath import triton_moe
+
+    blocks = triton_moe.plan_blocks(plan, config.block_m, x.device)
+
+    def run(layer: object) -> torch.Tensor:
+        h_SI = triton_moe._gate_up(layer, x, plan, blocks, config)
+        out_SH = triton_moe._down_weighted(layer, h_SI, plan, blocks, w, config)
+        return triton_moe.combine_sorted(out_SH, plan, x.dtype)
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for layer in layers:
+                run(layer)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for layer in layers:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run(layer)
+            graphs.append(graph)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for i in range(iters + 3):
+            start.record()
+            for graph in graphs:
+                graph.replay()
+            end.record()
+            end.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end) / len(graphs))
+        return sorted(times)[len(times) // 2]
+    except Exception as err:  # a capture failure is a finding, not the end of the sweep
+        print(f"graph capture failed ({config}): {err!r}", flush=True)
+        return None
 
 
 def main() -> int:
@@ -135,17 +190,41 @@ def main() -> int:
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: this script checks the compiled kernels")
-    failures = check_correctness()
-    print("correctness:", "all cases within tolerance" if not failures else "\n  " + "\n  ".join(failures), flush=True)
+    import transformers
+    import triton
+
+    print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}, "
+          f"transformers {transformers.__version__}", flush=True)
+    failed = []
+    try:
+        failures = check_correctness()
+        print("correctness:", "all cases within tolerance" if not failures else "\n  " + "\n  ".join(failures), flush=True)
+        if failures:
+            failed.append("correctness")
+    except Exception:
+        traceback.print_exc()
+        failed.append("correctness (crashed)")
     from activepath.cli import main as activepath_main
 
+    # H200: 60 MB of L2 (H100: 50); the layer's weights (1.2 GB in bf16) are far larger anyway.
     argv = ["bench", "layer", "--shape", "qwen3-30b-a3b", "--dtype", "bfloat16", "--device", "cuda",
             "--tokens", args.tokens, "--iters", args.iters, "--impl", "activepath:triton,activepath:grouped,hf-grouped_mm",
-            "--llc-mib", "50", "--no-progress", "--out", args.out]  # fmt: skip
-    rc = activepath_main(argv)
-    sweep = sweep_tiles([1, 8, 64, 512, 4096])
-    Path(f"{args.out}_tiles.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": sweep}, indent=1))
-    return rc or (1 if failures else 0)
+            "--llc-mib", "60", "--copy-mib", "4096", "--gemm-n", "8192", "--roofline-repeats", "5",
+            "--no-progress", "--out", args.out]  # fmt: skip
+    try:
+        if activepath_main(argv):
+            failed.append("bench layer")
+    except Exception:
+        traceback.print_exc()
+        failed.append("bench layer (crashed)")
+    try:
+        sweep = sweep_tiles([1, 8, 64, 512, 4096])
+        Path(f"{args.out}_tiles.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": sweep}, indent=1))
+    except Exception:
+        traceback.print_exc()
+        failed.append("tile sweep (crashed)")
+    print("failed parts:", ", ".join(failed) if failed else "none", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

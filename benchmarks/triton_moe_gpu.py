@@ -138,45 +138,94 @@ def sweep_tiles(tokens_list: list[int], iters: int = 20, *, device: str = "cuda"
 
 def _kernels_only_ms(layers: list, x: torch.Tensor, plan: object, w: torch.Tensor, config: object,
                      iters: int) -> float | None:  # fmt: skip
-    """Median ms of the three kernels alone: block plan built once, one CUDA graph per weight
-    copy, replayed in rotation between two events (None, with the reason printed, if capture
-    fails)."""
+    """Median ms of ``triton_experts`` replayed from CUDA graphs (one per weight copy, in
+    rotation between two events): the kernels without the host's launch costs. None, with
+    the reason printed, if capture fails."""
     from activepath import triton_moe
 
-    blocks = triton_moe.plan_blocks(plan, config.block_m, x.device)
+    return _graph_ms([lambda layer=layer: triton_moe.triton_experts(layer, x, plan, topk_weights_TK=w, config=config)
+                      for layer in layers], iters, str(config))  # fmt: skip
 
-    def run(layer: object) -> torch.Tensor:
-        h_SI = triton_moe._gate_up(layer, x, plan, blocks, config)
-        out_SH = triton_moe._down_weighted(layer, h_SI, plan, blocks, w, config)
-        return triton_moe.combine_sorted(out_SH, plan, x.dtype)
 
+def _graph_ms(calls: list, iters: int, label: str) -> float | None:
+    """Median ms per call of ``calls`` (no arguments) captured as one CUDA graph each and
+    replayed in rotation; None (reason printed) when a call cannot be captured (a host
+    read of device data, for one)."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for layer in layers:
-                run(layer)
+        with torch.cuda.stream(side):  # warm-up (compiles, allocator) outside the capture
+            for call in calls:
+                call()
         torch.cuda.current_stream().wait_stream(side)
         graphs = []
-        for layer in layers:
+        for call in calls:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                run(layer)
+                call()
             graphs.append(graph)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for i in range(iters + 3):
-            start.record()
-            for graph in graphs:
-                graph.replay()
-            end.record()
-            end.synchronize()
-            if i >= 3:
-                times.append(start.elapsed_time(end) / len(graphs))
-        return sorted(times)[len(times) // 2]
-    except Exception as err:  # a capture failure is a finding, not the end of the sweep
-        print(f"graph capture failed ({config}): {err!r}", flush=True)
+    except Exception as err:  # a capture failure is a finding, not the end of the run
+        print(f"graph capture failed ({label}): {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+        torch.cuda.synchronize()
         return None
+    return _event_ms([g.replay for g in graphs], iters)
+
+
+def _event_ms(calls: list, iters: int) -> float:
+    """Median over ``iters`` rounds of (one pass over ``calls``, back to back, between two
+    CUDA events) / len(calls): per-call time with the host free to run ahead."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(iters + 3):
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def layer_graphs(tokens_list: list[int], iters: int = 30, copies: int = 4) -> list[dict]:
+    """Whole MoE layers (router, dispatch, experts, combine) of Qwen3-30B-A3B in bf16, per
+    call: eager back to back (no sync between calls) and replayed from CUDA graphs, for
+    activepath's triton and grouped backends and transformers' grouped_mm block. ``copies``
+    weight copies (4 x 1.2 GB) rotate so the weights come from HBM, not the 60 MB L2."""
+    from activepath.bench.layer_bench import LayerBenchConfig, _build_layers
+    from activepath.bench.shapes import get_shape
+
+    shape = get_shape("qwen3-30b-a3b")
+    config = LayerBenchConfig(tokens=(1,), impls=("activepath",), backend="triton", copies=copies)
+    model, blocks, layers = _build_layers(shape, torch.bfloat16, copies, config, "cuda")
+    for layer in layers:
+        layer.collect_stats = False
+    model.set_experts_implementation("grouped_mm")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = {t: [torch.randn(1, t, shape.hidden_size, device="cuda", generator=gen).to(torch.bfloat16)
+                  for _ in range(copies)] for t in tokens_list}  # fmt: skip
+    # transformers last: a failed capture can leave the stream unusable for what follows.
+    # grouped reads the expert offsets back to the host (torch's grouped GEMM takes them as a
+    # tensor built from host ints), so it is timed eager only.
+    impls = (("activepath:triton", "triton", True), ("activepath:grouped", "grouped", False),
+             ("hf-grouped_mm", None, True))  # fmt: skip
+    rows = []
+    with torch.inference_mode():
+        for impl, backend, try_graph in impls:
+            for layer in layers:
+                layer.backend = backend or "grouped"
+            mods = layers if backend is not None else blocks
+            for tokens in tokens_list:
+                calls = [lambda m=m, x=x: m(x) for m, x in zip(mods, inputs[tokens])]
+                eager = _event_ms(calls, iters)
+                graph = _graph_ms(calls, iters, f"{impl} T={tokens}") if try_graph else None
+                try_graph = try_graph and graph is not None
+                rows.append({"impl": impl, "tokens": tokens, "eager_ms": eager, "graph_ms": graph})
+                print(f"layer T={tokens} {impl}: eager {eager:.3f} ms/call, graph "
+                      f"{'n/a' if graph is None else f'{graph:.3f}'} ms/call", flush=True)
+    del model, blocks, layers
+    torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> int:
@@ -184,6 +233,7 @@ def main() -> int:
     parser.add_argument("--out", default=DEFAULT_OUT, help="output prefix of the bench JSON / Markdown")
     parser.add_argument("--tokens", default="1,8,64,512,4096")
     parser.add_argument("--iters", default="20")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure (CI checks the kernels in Triton's interpreter)")
@@ -217,12 +267,19 @@ def main() -> int:
     except Exception:
         traceback.print_exc()
         failed.append("bench layer (crashed)")
+    if not args.no_sweep:
+        try:
+            sweep = sweep_tiles([1, 8, 64, 512, 4096])
+            Path(f"{args.out}_tiles.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": sweep}, indent=1))
+        except Exception:
+            traceback.print_exc()
+            failed.append("tile sweep (crashed)")
     try:
-        sweep = sweep_tiles([1, 8, 64, 512, 4096])
-        Path(f"{args.out}_tiles.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": sweep}, indent=1))
+        graphs = layer_graphs([1, 8, 64, 512])
+        Path(f"{args.out}_graphs.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": graphs}, indent=1))
     except Exception:
         traceback.print_exc()
-        failed.append("tile sweep (crashed)")
+        failed.append("layer graphs (crashed)")
     print("failed parts:", ", ".join(failed) if failed else "none", flush=True)
     return 1 if failed else 0
 

@@ -20,7 +20,7 @@ from activepath import (
     plan_dispatch,
     register_backend,
 )
-from activepath import native, triton_moe
+from activepath import dispatch, native, triton_moe
 from activepath.tolerances import tolerance
 from oracle import moe_oracle
 
@@ -171,6 +171,22 @@ def test_dispatch_plan() -> None:
         plan_dispatch(torch.tensor([[0, 5]]), 5)
     with pytest.raises(ValueError):
         plan_dispatch(torch.tensor([0, 1]), 5)
+
+
+@pytest.mark.parametrize("tokens, k, experts", [(1, 2, 8), (13, 3, 8), (40, 4, 6), (7, 1, 128), (0, 2, 4)])
+def test_device_plan_matches_the_host_plan(tokens: int, k: int, experts: int) -> None:
+    # The plan built off the CPU (sort + searchsorted, no read back), run here on CPU
+    # tensors: the same sorted order, tokens, experts and counts as the CPU plan; idle
+    # experts and all slots on one expert included.
+    gen = torch.Generator().manual_seed(tokens)
+    for ids in (torch.rand(tokens, experts, generator=gen).topk(k, dim=1).indices, torch.full((tokens, 1), experts - 1)):
+        host = plan_dispatch(ids, experts)
+        device = dispatch._device_plan(ids, experts, validate=True)
+        for name in ("order_S", "token_idx_S", "expert_ids_S", "counts_E"):
+            assert torch.equal(getattr(host, name), getattr(device, name)), name
+        assert device.counts == host.counts and device.offsets == host.offsets
+    with pytest.raises(ValueError, match="expert ids must lie in"):
+        dispatch._device_plan(torch.tensor([[0, 5]]), 5, validate=True)
 
 
 def test_stats_only_when_asked() -> None:

@@ -22,6 +22,21 @@ pytest.importorskip("triton")
 if not triton_moe.interpreting():
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)", allow_module_level=True)
 
+import triton  # noqa: E402  (after the skip: triton may be absent)
+import triton.language as tl  # noqa: E402
+
+from activepath import triton_kernels  # noqa: E402
+
+
+@triton.jit
+def _block_probe(counts_ptr, out_ptr, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Stores each program's (expert, lo, hi) as ``triton_kernels._block`` finds it."""
+    e, lo, hi = triton_kernels._block(counts_ptr, E, E_POW2, BLOCK_M)
+    b = tl.program_id(0)
+    tl.store(out_ptr + 3 * b, e)
+    tl.store(out_ptr + 3 * b + 1, lo)
+    tl.store(out_ptr + 3 * b + 2, hi)
+
 E, H, I = 6, 48, 40  # H and I not multiples of the tiles below: every tile loop has a tail
 TILES = [triton_moe.TritonConfig(block_m=16, block_n=16, block_k=16),
          triton_moe.TritonConfig(block_m=32, block_n=64, block_k=32)]  # fmt: skip
@@ -77,19 +92,36 @@ def test_all_tokens_on_one_expert_and_idle_experts() -> None:
     _check(_weights(), torch.randn(11, H), ids_TK, w_TK, TILES[1])
 
 
-@pytest.mark.parametrize("list_max_blocks", [256, 0])  # both ways of building the table
-def test_blocks_cover_each_expert_run_once(list_max_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(triton_moe, "_LIST_MAX_BLOCKS", list_max_blocks)
-    ids_TK, _ = _routing(41, 3, seed=5, experts=(0, 2, 3))
-    plan = plan_dispatch(ids_TK, E)
-    blocks = triton_moe.plan_blocks(plan, 16, torch.device("cpu"))
+@pytest.mark.parametrize("counts", [[0, 41, 0, 17, 16, 65], [1, 1, 1, 1, 1, 1], [0, 0, 0, 123, 0, 0], [0] * 6, [5]])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_blocks_cover_each_expert_run_once(counts: list[int], block_m: int) -> None:
+    # What each GEMM program finds as its block (triton_kernels._block), read out by a
+    # probe kernel: every sorted slot in exactly one block, a block inside one expert's run,
+    # at most block_m slots, and the programs past the last block (the grid is sized by
+    # max_blocks from S and E alone) empty.
+    num_slots, num_experts = sum(counts), len(counts)
+    grid = triton_moe.max_blocks(num_slots, num_experts, block_m)
+    assert grid >= sum(-(-c // block_m) for c in counts)
+    out = torch.full((max(grid, 1), 3), -7, dtype=torch.int64)
+    if grid:
+        _block_probe[(grid,)](torch.tensor(counts), out, num_experts, E_POW2=triton_moe._pow2(num_experts), BLOCK_M=block_m)
+    offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
     covered = []
-    for e, lo, hi in zip(blocks.expert_B.tolist(), blocks.lo_B.tolist(), blocks.hi_B.tolist()):
-        assert 0 < hi - lo <= 16 and plan.offsets[e] <= lo < hi <= plan.offsets[e + 1]
+    for e, lo, hi in out[:grid].tolist():
+        assert 0 <= e < num_experts
+        if lo >= hi:
+            continue
+        assert hi - lo <= block_m and offsets[e] <= lo < hi <= offsets[e + 1]
         covered += range(lo, hi)
-    assert covered == list(range(41 * 3))
-    empty = plan_dispatch(torch.zeros(0, 2, dtype=torch.long), E)
-    assert triton_moe.plan_blocks(empty, 16, torch.device("cpu")).num_blocks == 0
+    assert covered == list(range(num_slots))
+
+
+def test_default_tiles_follow_slots_per_expert() -> None:
+    decode = triton_moe.default_config(8, 128, torch.bfloat16)
+    assert decode.block_m == 16
+    assert triton_moe.default_config(4096, 128, torch.bfloat16).block_m == 64
+    assert triton_moe.default_config(32768, 128, torch.bfloat16).block_m == 128
+    assert triton_moe.default_config(32768, 128, torch.float32) == triton_moe.TritonConfig()
 
 
 def test_combine_matches_the_cpu_combine_bitwise_with_dropped_slots() -> None:
@@ -182,3 +214,19 @@ def test_other_tiles_are_one_registration_away(monkeypatch: pytest.MonkeyPatch) 
     ids = torch.randint(3, 160, (1, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(ids).logits - reference(ids).logits).abs().max().item() <= MODEL_LOGITS_ATOL_FP32
+
+
+def test_runs_from_the_device_plan_without_reading_counts_back() -> None:
+    # The plan a GPU layer gets (sorted ids + searchsorted, dispatch._device_plan), here on
+    # CPU tensors: the same result as from the CPU plan, and the backend never reads the
+    # per-expert counts back to the host (off the CPU that read would be a sync, and would
+    # make the layer impossible to capture in a CUDA graph).
+    from activepath import dispatch
+
+    weights, x_TH = _weights(biases=True), torch.randn(19, H)
+    ids_TK, w_TK = _routing(19, 3, seed=8, experts=(0, 1, 3, 5))
+    plan = dispatch._device_plan(ids_TK, E, validate=False)
+    y_TH = triton_moe.triton_experts(weights, x_TH, plan, topk_weights_TK=w_TK)
+    assert "counts" not in plan.__dict__ and "offsets" not in plan.__dict__
+    expected = triton_moe.triton_experts(weights, x_TH, plan_dispatch(ids_TK, E), topk_weights_TK=w_TK)
+    assert torch.equal(y_TH, expected)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -21,18 +22,27 @@ class DispatchPlan:
 
     ``order_S[j]`` is the slot at sorted position j, ``expert_ids_S[j]`` its expert and
     ``token_idx_S[j]`` its token; expert e owns sorted positions
-    ``offsets[e]:offsets[e+1]``. ``counts`` and ``offsets`` are plain ints because the
-    expert loop needs them on the host anyway; reading them once here is the only sync.
+    ``offsets[e]:offsets[e+1]``, and ``counts_E[e]`` slots.
     """
 
     order_S: torch.Tensor
     token_idx_S: torch.Tensor
     expert_ids_S: torch.Tensor
     counts_E: torch.Tensor
-    counts: tuple[int, ...]
-    offsets: tuple[int, ...]
     num_tokens: int
     top_k: int
+
+    @cached_property
+    def counts(self) -> tuple[int, ...]:
+        """``counts_E`` as host ints, read on first use. Off the CPU that read is the plan's
+        one device → host sync; backends that plan on the device (``triton``) never make
+        it, so a whole layer can run without waiting for the GPU (and be graph-captured)."""
+        return tuple(self.counts_E.tolist())
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Host ints: expert e owns sorted positions ``offsets[e]:offsets[e+1]``."""
+        return (0, *itertools.accumulate(self.counts))
 
     @property
     def active_experts(self) -> tuple[int, ...]:
@@ -45,19 +55,27 @@ class DispatchPlan:
         return [(e, self.offsets[e], self.offsets[e + 1]) for e in self.active_experts]
 
 
-def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Tensor | None = None) -> DispatchPlan:
+def plan_dispatch(
+    topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Tensor | None = None, *, validate: bool = True
+) -> DispatchPlan:
     """Sort the slots of ``topk_ids_TK`` (int, [T, K]) by expert.
 
     The sort is stable, so inside an expert's group slots stay in token order: the plan
     is a pure function of the routing, whatever the thread count. ``kept_TK`` (bool, from
     a capacity stage) leaves the False slots out of the plan entirely: no expert computes
     them and combine adds nothing for them.
+
+    Off the CPU, without ``kept_TK``, the plan is built without reading anything back to
+    the host, except the range check of the ids; ``validate=False`` skips that check, for
+    callers whose ids are in range by construction (a router's top-k over its E columns).
     """
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids_TK.shape)}")
     num_tokens, top_k = topk_ids_TK.shape
     if kept_TK is None and _native_plan_applies(topk_ids_TK):
         return _native_plan(topk_ids_TK, num_experts)
+    if kept_TK is None and topk_ids_TK.device.type != "cpu":
+        return _device_plan(topk_ids_TK, num_experts, validate)
     ids_S = topk_ids_TK.reshape(-1)
     bins = num_experts
     if kept_TK is not None:
@@ -66,16 +84,33 @@ def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, kept_TK: torch.Te
         bins = num_experts + 1
     counts_E = _count(ids_S, bins)[:num_experts]
     expert_ids_S, order_S = torch.sort(ids_S, stable=True)
-    counts = tuple(counts_E.tolist())  # the one host sync
-    offsets = (0, *itertools.accumulate(counts))
-    order_S, expert_ids_S = order_S[: offsets[-1]], expert_ids_S[: offsets[-1]]
+    kept = int(counts_E.sum()) if kept_TK is not None else ids_S.shape[0]  # a host sync with a capacity stage
+    order_S, expert_ids_S = order_S[:kept], expert_ids_S[:kept]
     return DispatchPlan(
         order_S=order_S,
         token_idx_S=order_S // top_k,
         expert_ids_S=expert_ids_S,
         counts_E=counts_E,
-        counts=counts,
-        offsets=offsets,
+        num_tokens=num_tokens,
+        top_k=top_k,
+    )
+
+
+def _device_plan(topk_ids_TK: torch.Tensor, num_experts: int, validate: bool) -> DispatchPlan:
+    # torch.bincount on CUDA reads the ids' min and max back to size its output (a sync), so
+    # the counts come from the sorted ids instead: offsets_E1[e] = #ids < e.
+    num_tokens, top_k = topk_ids_TK.shape
+    ids_S = topk_ids_TK.reshape(-1)
+    if validate:
+        _check_in_range(ids_S, num_experts)
+    expert_ids_S, order_S = torch.sort(ids_S, stable=True)
+    bounds_E1 = torch.arange(num_experts + 1, dtype=expert_ids_S.dtype, device=ids_S.device)
+    offsets_E1 = torch.searchsorted(expert_ids_S, bounds_E1)
+    return DispatchPlan(
+        order_S=order_S,
+        token_idx_S=order_S // top_k,
+        expert_ids_S=expert_ids_S,
+        counts_E=offsets_E1.diff(),
         num_tokens=num_tokens,
         top_k=top_k,
     )
@@ -93,14 +128,12 @@ def _native_plan_applies(topk_ids_TK: torch.Tensor) -> bool:
 def _native_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
     # One counting sort in native code: the same stable order as torch.sort(stable=True).
     num_tokens, top_k = topk_ids_TK.shape
-    order_S, token_idx_S, expert_ids_S, counts_E, offsets_E1 = native.plan_dispatch(topk_ids_TK, top_k, num_experts)
+    order_S, token_idx_S, expert_ids_S, counts_E, _ = native.plan_dispatch(topk_ids_TK, top_k, num_experts)
     return DispatchPlan(
         order_S=order_S,
         token_idx_S=token_idx_S,
         expert_ids_S=expert_ids_S,
         counts_E=counts_E,
-        counts=tuple(counts_E.tolist()),
-        offsets=tuple(offsets_E1.tolist()),
         num_tokens=num_tokens,
         top_k=top_k,
     )

@@ -1,8 +1,12 @@
 """Triton kernels of the ``triton`` experts backend (see ``triton_moe``, which loads this
 module on first use; importing it needs the triton package).
 
-Shape legend: S slots sorted by expert, H hidden, I expert intermediate; a block is a run
-of at most BLOCK_M sorted slots of one expert.
+Shape legend: S slots sorted by expert, H hidden, I expert intermediate, E experts; a block
+is a run of at most BLOCK_M sorted slots of one expert.
+
+Each GEMM program finds its own block from the per-expert slot counts (``_block``), so the
+block table is never built on the host: no device → host read, no host → device copy, and
+the grid is sized from S and E alone (see ``triton_moe.max_blocks``).
 
 IEEE: fp32 operands, multiplied without TF32 rounding. UPCAST: half-precision operands are
 widened to fp32 before ``tl.dot``: exact products and the same fp32 accumulation as a
@@ -18,17 +22,33 @@ SILU, GELU, GELU_TANH = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, blk_e_ptr, blk_lo_ptr, blk_hi_ptr, H, I,
+def _block(counts_ptr, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, lo, hi) of this program's block: blocks are numbered expert by expert, each
+    expert's run of sorted slots cut into pieces of BLOCK_M. Programs past the last block
+    get lo >= hi (an empty block: they read and write nothing)."""
+    b = tl.program_id(0)
+    es = tl.arange(0, E_POW2)
+    cnt = tl.load(counts_ptr + es, mask=es < E, other=0).to(tl.int32)
+    nblk = (cnt + BLOCK_M - 1) // BLOCK_M
+    e = tl.sum((tl.cumsum(nblk, 0) <= b).to(tl.int32), 0)  # experts whose blocks all precede b
+    before = es < e
+    first = tl.sum(tl.where(before, nblk, 0), 0)  # e's first block
+    start = tl.sum(tl.where(before, cnt, 0), 0)  # e's first sorted slot
+    end = start + tl.sum(tl.where(es == e, cnt, 0), 0)
+    lo = start + (b - first) * BLOCK_M
+    return tl.minimum(e, E - 1).to(tl.int64), lo, tl.minimum(lo + BLOCK_M, end)
+
+
+@triton.jit
+def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, E, H, I,
                 stride_xt, stride_we, stride_wn, stride_be, stride_hs,
                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """h[rows, cols] = act(x[tok] @ w_gate[e].T) * (x[tok] @ w_up[e].T) for one block of
-    sorted slots (rows) and BLOCK_N intermediate columns. x rows are read by token index:
-    the gather is this load."""
-    b = tl.program_id(0)
-    e = tl.load(blk_e_ptr + b).to(tl.int64)
-    hi = tl.load(blk_hi_ptr + b)
-    rows = tl.load(blk_lo_ptr + b) + tl.arange(0, BLOCK_M)
+    sorted slots (rows) and BLOCK_N intermediate columns. x rows are read by token index
+    (``tok_ptr``: int64 token of each sorted slot): the gather is this load."""
+    e, lo, hi = _block(counts_ptr, E, E_POW2, BLOCK_M)
+    rows = lo + tl.arange(0, BLOCK_M)
     row_ok = rows < hi
     tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -36,7 +56,8 @@ def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, blk_e_ptr, blk_lo_ptr, blk_
     w_e = w_ptr + e * stride_we
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    k_end = tl.where(hi > lo, H, 0)  # an empty block streams no weights
+    for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         a = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -69,23 +90,23 @@ def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, blk_e_ptr, blk_lo_ptr, blk_
 
 
 @triton.jit
-def down_weighted(h_ptr, w_ptr, b_ptr, sw_ptr, out_ptr, blk_e_ptr, blk_lo_ptr, blk_hi_ptr, I, H,
+def down_weighted(h_ptr, w_ptr, b_ptr, order_ptr, tw_ptr, out_ptr, counts_ptr, E, I, H,
                   stride_hs, stride_we, stride_wn, stride_be, stride_os,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                  E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """out[rows, cols] = routing weight × (h[rows] @ w_down[e].T), fp32, for one block of
-    sorted slots and BLOCK_N hidden columns."""
-    b = tl.program_id(0)
-    e = tl.load(blk_e_ptr + b).to(tl.int64)
-    hi = tl.load(blk_hi_ptr + b)
-    rows = tl.load(blk_lo_ptr + b) + tl.arange(0, BLOCK_M)
+    sorted slots and BLOCK_N hidden columns. A sorted slot's routing weight is
+    ``tw[order[row]]`` (``tw``: the [T*K] fp32 top-k weights, ``order``: int64 slot ids)."""
+    e, lo, hi = _block(counts_ptr, E, E_POW2, BLOCK_M)
+    rows = lo + tl.arange(0, BLOCK_M)
     row_ok = rows < hi
     rows64 = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     w_e = w_ptr + e * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    k_end = tl.where(hi > lo, I, 0)  # an empty block streams no weights
+    for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < I
         a = tl.load(h_ptr + rows64[:, None] * stride_hs + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -101,7 +122,8 @@ def down_weighted(h_ptr, w_ptr, b_ptr, sw_ptr, out_ptr, blk_e_ptr, blk_lo_ptr, b
     # The expert's output in the activations' dtype first (what every backend returns),
     # then the routing weight in fp32, as the CPU combine applies it.
     acc = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
-    acc *= tl.load(sw_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    slot = tl.load(order_ptr + rows, mask=row_ok, other=0)
+    acc *= tl.load(tw_ptr + slot, mask=row_ok, other=0.0)[:, None]
     tl.store(out_ptr + rows64[:, None] * stride_os + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 

@@ -11,8 +11,12 @@
    on scheduling (``torch.index_add_`` on CUDA does).
 
 The grouped GEMMs run over *blocks*: runs of up to ``block_m`` sorted slots of a single
-expert (``plan_blocks``). A program computes one block × ``block_n`` output columns and
-streams that expert's weights once per block. Idle experts get no blocks.
+expert. Each program works out its own block from the per-expert slot counts on the device,
+so nothing is read back to the host and no block table is copied to the GPU: with the
+device-side dispatch plan (``plan_dispatch`` off the CPU) a whole MoE layer runs without
+waiting for the GPU, and can be captured in a CUDA graph. A program computes one block ×
+``block_n`` output columns and streams that expert's weights once per block. Idle experts
+get no blocks.
 
 Where it runs: CUDA tensors, or CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, how CI checks the kernels on tiny shapes). Where it does not apply
@@ -78,42 +82,31 @@ class TritonConfig:
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
 
 
-@dataclass(frozen=True)
-class BlockPlan:
-    """Block b covers sorted slots ``lo_B[b]:hi_B[b]`` of expert ``expert_B[b]`` (int32, on
-    the device of the slots)."""
-
-    expert_B: torch.Tensor
-    lo_B: torch.Tensor
-    hi_B: torch.Tensor
-
-    @property
-    def num_blocks(self) -> int:
-        return self.expert_B.shape[0]
+def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """The most blocks ``num_slots`` sorted slots can need: one per ``block_m`` slots, plus
+    at most one partial block per active expert. The GEMM grids have this many rows, from
+    host ints alone (no read of the per-expert counts); the programs past the real blocks
+    find an empty block and return (``triton_kernels._block``)."""
+    return -(-num_slots // block_m) + min(num_experts, num_slots)
 
 
-def plan_blocks(plan: DispatchPlan, block_m: int, device: torch.device) -> BlockPlan:
-    """Cut every active expert's run of sorted slots into blocks of at most ``block_m``,
-    on the host from ``plan``'s counts (host ints already), then one host → device copy.
-    A Python list while blocks are few (decode: ~20 us for 8 blocks), tensor ops past
-    ``_LIST_MAX_BLOCKS`` (a 4096-token prefill: ~2000 blocks in 0.15 ms instead of 0.8)."""
-    if sum((c + block_m - 1) // block_m for c in plan.counts) <= _LIST_MAX_BLOCKS:
-        rows = [(e, lo, min(lo + block_m, hi)) for e, start, hi in plan.segments for lo in range(start, hi, block_m)]
-        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).t()
-    else:
-        counts_E = torch.tensor(plan.counts, dtype=torch.int64)
-        starts_E = torch.tensor(plan.offsets[:-1], dtype=torch.int64)
-        blocks_E = (counts_E + block_m - 1) // block_m
-        expert_B = torch.repeat_interleave(torch.arange(len(plan.counts)), blocks_E)
-        first_E = torch.cumsum(blocks_E, 0) - blocks_E  # each expert's first block
-        lo_B = starts_E[expert_B] + (torch.arange(expert_B.shape[0]) - first_E[expert_B]) * block_m
-        hi_B = torch.minimum(lo_B + block_m, starts_E[expert_B] + counts_E[expert_B])
-        table = torch.stack([expert_B, lo_B, hi_B]).to(torch.int32)
-    table = table.contiguous().to(device)
-    return BlockPlan(table[0], table[1], table[2])
+def default_config(num_slots: int, num_experts: int, dtype: torch.dtype) -> TritonConfig:
+    """Tiles by the mean slots per active expert, m = S / min(E, S) (host ints: no sync).
+    Chosen from the tile sweep on an H200 (bf16, Qwen3-30B-A3B layer,
+    benchmarks/results/qwen3-30b-a3b_layer_h200_bf16_before_tiles.json, kernels alone):
+    16x32x128 was the fastest at 1-64 tokens (m 1-4), 64x64x64 at 512 tokens (m 32, 0.36 vs
+    0.46 ms for 16x64x64) and 128x128x64 with 8 warps at 4096 (m 256, 1.0 vs 2.2 ms). fp32
+    keeps the small tiles: its tiles take twice the registers and shared memory, and no
+    fp32 sweep has been run."""
+    m = num_slots / max(1, min(num_experts, num_slots))
+    if dtype == torch.float32 or m < 24:
+        return _DECODE_TILES if dtype != torch.float32 else TritonConfig()
+    if m < 128:
+        return TritonConfig(block_m=64, block_n=64, block_k=64, num_warps=4)
+    return TritonConfig(block_m=128, block_n=128, block_k=64, num_warps=8)
 
 
-_LIST_MAX_BLOCKS = 256
+_DECODE_TILES = TritonConfig(block_m=16, block_n=32, block_k=128, num_warps=4)
 
 
 def unsupported_reason(weights: ExpertWeights, x_TH: torch.Tensor) -> str | None:
@@ -141,60 +134,67 @@ def unsupported_reason(weights: ExpertWeights, x_TH: torch.Tensor) -> str | None
 
 def triton_experts(
     weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, *, topk_weights_TK: torch.Tensor,
-    config: TritonConfig = TritonConfig(),
+    config: TritonConfig | None = None,
 ) -> torch.Tensor:
-    """The layer's combined expert output y_TH [T, H], in the dtype of ``x_TH``."""
+    """The layer's combined expert output y_TH [T, H], in the dtype of ``x_TH``. ``config``
+    None: tiles by ``default_config``. Reads nothing back from the device: with a plan made
+    on the device, the call never waits for the GPU (and can be captured in a CUDA graph)."""
     reason = unsupported_reason(weights, x_TH)
     if reason is not None:
         raise RuntimeError(f"the triton experts backend cannot run here: {reason}")
+    if config is None:
+        config = default_config(plan.order_S.shape[0], weights.num_experts, x_TH.dtype)
     x_TH = x_TH.contiguous()
-    blocks = plan_blocks(plan, config.block_m, x_TH.device)
-    h_SI = _gate_up(weights, x_TH, plan, blocks, config)
-    out_SH = _down_weighted(weights, h_SI, plan, blocks, topk_weights_TK, config)
+    h_SI = _gate_up(weights, x_TH, plan, config)
+    out_SH = _down_weighted(weights, h_SI, plan, topk_weights_TK, config)
     return combine_sorted(out_SH, plan, x_TH.dtype)
 
 
-def _gate_up(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, blocks: BlockPlan,
-             config: TritonConfig) -> torch.Tensor:  # fmt: skip
+def _gate_up(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, config: TritonConfig) -> torch.Tensor:
     kernels = _kernels()
-    inter, hidden = weights.intermediate_size, weights.hidden_size
+    inter, hidden, num_experts = weights.intermediate_size, weights.hidden_size, weights.num_experts
     h_SI = torch.empty(plan.order_S.shape[0], inter, dtype=x_TH.dtype, device=x_TH.device)
-    if blocks.num_blocks == 0:
+    blocks = max_blocks(h_SI.shape[0], num_experts, config.block_m)
+    if blocks == 0:
         return h_SI
     w = weights.w_gate_up.detach()
     bias = weights.b_gate_up
-    grid = (blocks.num_blocks, -(-inter // config.block_n))
+    grid = (blocks, -(-inter // config.block_n))
     kernels.gate_up_act[grid](
-        x_TH, plan.token_idx_S.to(torch.int32), w, w if bias is None else bias.detach(), h_SI,
-        blocks.expert_B, blocks.lo_B, blocks.hi_B, hidden, inter,
-        x_TH.stride(0), w.stride(0), w.stride(1), 0 if bias is None else bias.stride(0), h_SI.stride(0),
+        x_TH, plan.token_idx_S, w, w if bias is None else bias.detach(), h_SI, plan.counts_E, num_experts, hidden,
+        inter, x_TH.stride(0), w.stride(0), w.stride(1), 0 if bias is None else bias.stride(0), h_SI.stride(0),
         ACT=_ACTIVATIONS[weights.activation.kind], HAS_BIAS=bias is not None, IEEE=x_TH.dtype == torch.float32,
-        UPCAST=interpreting(),
+        UPCAST=interpreting(), E_POW2=_pow2(num_experts),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
     return h_SI
 
 
-def _down_weighted(weights: ExpertWeights, h_SI: torch.Tensor, plan: DispatchPlan, blocks: BlockPlan,
-                   topk_weights_TK: torch.Tensor, config: TritonConfig) -> torch.Tensor:  # fmt: skip
+def _down_weighted(weights: ExpertWeights, h_SI: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Tensor,
+                   config: TritonConfig) -> torch.Tensor:  # fmt: skip
     kernels = _kernels()
-    hidden, inter = weights.hidden_size, weights.intermediate_size
+    hidden, inter, num_experts = weights.hidden_size, weights.intermediate_size, weights.num_experts
     # fp32 rows: they are summed in fp32 by the combine kernel, as the CPU combine does.
     out_SH = torch.empty(h_SI.shape[0], hidden, dtype=torch.float32, device=h_SI.device)
-    if blocks.num_blocks == 0:
+    blocks = max_blocks(h_SI.shape[0], num_experts, config.block_m)
+    if blocks == 0:
         return out_SH
     w = weights.w_down.detach()
     bias = weights.b_down
-    slot_weight_S = topk_weights_TK.reshape(-1).index_select(0, plan.order_S).to(torch.float32).contiguous()
-    grid = (blocks.num_blocks, -(-hidden // config.block_n))
+    weights_S = topk_weights_TK.reshape(-1).to(torch.float32).contiguous()  # no copy when already fp32
+    grid = (blocks, -(-hidden // config.block_n))
     kernels.down_weighted[grid](
-        h_SI, w, w if bias is None else bias.detach(), slot_weight_S, out_SH,
-        blocks.expert_B, blocks.lo_B, blocks.hi_B, inter, hidden,
-        h_SI.stride(0), w.stride(0), w.stride(1), 0 if bias is None else bias.stride(0), out_SH.stride(0),
-        HAS_BIAS=bias is not None, IEEE=h_SI.dtype == torch.float32, UPCAST=interpreting(),
+        h_SI, w, w if bias is None else bias.detach(), plan.order_S, weights_S, out_SH, plan.counts_E, num_experts,
+        inter, hidden, h_SI.stride(0), w.stride(0), w.stride(1), 0 if bias is None else bias.stride(0),
+        out_SH.stride(0), HAS_BIAS=bias is not None, IEEE=h_SI.dtype == torch.float32, UPCAST=interpreting(),
+        E_POW2=_pow2(num_experts),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
     return out_SH
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def combine_sorted(weighted_SH: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype, block_h: int = 128) -> torch.Tensor:
@@ -233,18 +233,20 @@ def compile_kernels(arch: int = 90) -> dict[str, str]:
     target = GPUTarget("cuda", arch, 32)
     ptx: dict[str, str] = {}
     for act, dtype, bias in (("silu", "bf16", False), ("gelu", "fp32", True), ("gelu_tanh", "fp16", False)):
-        ptrs = {"x_ptr": f"*{dtype}", "tok_ptr": "*i32", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
-                "h_ptr": f"*{dtype}", "blk_e_ptr": "*i32", "blk_lo_ptr": "*i32", "blk_hi_ptr": "*i32"}  # fmt: skip
+        ptrs = {"x_ptr": f"*{dtype}", "tok_ptr": "*i64", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+                "h_ptr": f"*{dtype}", "counts_ptr": "*i64"}  # fmt: skip
         flags = {"ACT": _ACTIVATIONS[act], "HAS_BIAS": bias, "IEEE": dtype == "fp32", "UPCAST": False,
-                 "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}  # fmt: skip
-        signature = {**ptrs, "H": "i32", "I": "i32", "stride_xt": "i32", "stride_we": "i64", "stride_wn": "i32",
-                     "stride_be": "i32", "stride_hs": "i32", **dict.fromkeys(flags, "constexpr")}  # fmt: skip
+                 "E_POW2": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}  # fmt: skip
+        signature = {**ptrs, "E": "i32", "H": "i32", "I": "i32", "stride_xt": "i32", "stride_we": "i64",
+                     "stride_wn": "i32", "stride_be": "i32", "stride_hs": "i32",
+                     **dict.fromkeys(flags, "constexpr")}  # fmt: skip
         ptx[f"gate_up_act {act} {dtype}"] = _compile(triton, ASTSource, kernels.gate_up_act, signature, flags, target)
-        down_ptrs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "sw_ptr": "*fp32",
-                     "out_ptr": "*fp32", "blk_e_ptr": "*i32", "blk_lo_ptr": "*i32", "blk_hi_ptr": "*i32"}  # fmt: skip
-        down_flags = {k: flags[k] for k in ("HAS_BIAS", "IEEE", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        down_sig = {**down_ptrs, "I": "i32", "H": "i32", "stride_hs": "i32", "stride_we": "i64", "stride_wn": "i32",
-                    "stride_be": "i32", "stride_os": "i32", **dict.fromkeys(down_flags, "constexpr")}  # fmt: skip
+        down_ptrs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "order_ptr": "*i64",
+                     "tw_ptr": "*fp32", "out_ptr": "*fp32", "counts_ptr": "*i64"}  # fmt: skip
+        down_flags = {k: flags[k] for k in ("HAS_BIAS", "IEEE", "UPCAST", "E_POW2", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        down_sig = {**down_ptrs, "E": "i32", "I": "i32", "H": "i32", "stride_hs": "i32", "stride_we": "i64",
+                    "stride_wn": "i32", "stride_be": "i32", "stride_os": "i32",
+                    **dict.fromkeys(down_flags, "constexpr")}  # fmt: skip
         ptx[f"down_weighted {dtype}"] = _compile(triton, ASTSource, kernels.down_weighted, down_sig, down_flags, target)
         comb_sig = {"src_ptr": "*fp32", "pos_ptr": "*i32", "y_ptr": f"*{dtype}", "H": "i32", "K": "i32",
                     "stride_ss": "i32", "stride_yt": "i32", "BLOCK_H": "constexpr"}  # fmt: skip

@@ -147,7 +147,7 @@ def run_layer_bench(
     return LayerBenchResult(
         shape=shape.name, dtype=str(dtype).removeprefix("torch."), geometry=geom, copies=copies,
         weights_bytes_all_copies=copies * geom.all_experts_bytes, cold_weights=cold,
-        method=_method_text(copies, config), load_by_tokens=loads, tokens_per_expert_by_tokens=counts_by_tokens,
+        method=_method_text(copies, config, device), load_by_tokens=loads, tokens_per_expert_by_tokens=counts_by_tokens,
         rows=rows,
     )
 
@@ -203,27 +203,30 @@ def _mean_load(counts: list[torch.Tensor]) -> ExpertLoad:
     )
 
 
-Runner = Callable[[int, torch.Tensor], tuple[torch.Tensor, dict[str, float] | None]]
+Runner = Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, dict[str, float] | None]]
 
 
 def _runner(impl: str, model: nn.Module, blocks: list[nn.Module], layers: list[SparseMoE], backend: str) -> Runner:
-    """``run(copy, x_1TH) → (y, stage seconds or None)`` for one implementation.
-    ``activepath`` runs ``backend``, ``activepath:NAME`` the experts backend NAME."""
+    """``run(copy, x_1TH, stats) → (y, stage seconds or None)`` for one implementation.
+    ``activepath`` runs ``backend``, ``activepath:NAME`` the experts backend NAME; ``stats``
+    turns the layer's stage clocks on (``dense`` always clocks its stages)."""
     if impl == "activepath" or impl.startswith("activepath:"):
         name = impl.partition(":")[2] or backend
 
-        def run(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
+        def run(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, dict[str, float] | None]:
             layers[c].backend = name  # the layers are shared by every activepath impl
+            layers[c].collect_stats = stats
+            layers[c].last_stats = None
             return _output(layers[c](x)), _stage_times(layers[c])
         return run
     if impl == "dense":
-        def run_dense(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
+        def run_dense(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, dict[str, float] | None]:
             layers[c].backend = backend
             return dense_forward(layers[c], x)
         return run_dense
     hf_impl = impl.removeprefix("hf-")
 
-    def run_hf(c: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float] | None]:
+    def run_hf(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, dict[str, float] | None]:
         if model.config._experts_implementation != hf_impl:
             model.set_experts_implementation(hf_impl)
         return _output(blocks[c](x)), None
@@ -277,13 +280,18 @@ def _measure(
     impl: str, run: Runner, tokens: int, inputs: list[torch.Tensor], counts: list[torch.Tensor], copies: int,
     geom: MoEGeometry, roofline: Roofline | None, config: LayerBenchConfig, device: str,
 ) -> tuple[LayerRow, torch.Tensor]:
-    y_first, _ = run(0, inputs[0])
+    # On the CPU a stage-clock lap is a timer read, so the timed calls carry the clocks. On
+    # a GPU each lap synchronises (it would time the syncs and stop the host from running
+    # ahead), so the timed calls run without them and as many synchronised calls after
+    # them give the stage split alone.
+    clocked = torch.device(device).type == "cpu"
+    y_first, _ = run(0, inputs[0], clocked)
     stages: list[dict[str, float]] = []
     sample_idx: list[int] = []
     last: dict[str, dict[str, float] | None] = {}
 
     def call(i: int) -> None:
-        last["stages"] = run(i % copies, inputs[i % len(inputs)])[1]
+        last["stages"] = run(i % copies, inputs[i % len(inputs)], clocked)[1]
 
     def on_sample(i: int, _: float) -> None:
         sample_idx.append(i % len(inputs))
@@ -291,6 +299,11 @@ def _measure(
             stages.append(last["stages"])  # type: ignore[arg-type]
 
     samples = time_calls(call, config.timing, Clock(device), on_sample)
+    stage_walls = samples
+    if not clocked:
+        split = [run(i % copies, inputs[i % len(inputs)], True)[1] for i in range(len(samples))]
+        stages = [s for s in split if s is not None]
+        stage_walls = [sum(s.values()) for s in stages]
     dense = impl == "dense"
     distinct = [geom.num_experts if dense else distinct_experts(counts[j]) for j in sample_idx]
     bytes_mean = sum(weight_bytes(geom, d) for d in distinct) / len(distinct)
@@ -303,7 +316,7 @@ def _measure(
         weight_bytes_mean=bytes_mean, achieved_GBps=gbps,
         smbu_pct=percent_of(gbps, roofline.bandwidth_GBps if roofline else None), flops=flops,
         achieved_GFLOPs=gflops, smfu_pct=percent_of(gflops, roofline.gemm_GFLOPs if roofline else None),
-        routing_overhead_ratio=_overhead(stages, samples), stage_median_s=_stage_medians(stages),
+        routing_overhead_ratio=_overhead(stages, stage_walls), stage_median_s=_stage_medians(stages),
         max_abs_diff_vs_first_impl=None, samples_s=samples,
     ), y_first
 
@@ -328,8 +341,13 @@ def _with_diff(row: LayerRow, diff: float | None) -> LayerRow:
     return replace(row, max_abs_diff_vs_first_impl=diff)
 
 
-def _method_text(copies: int, config: LayerBenchConfig) -> str:
+def _method_text(copies: int, config: LayerBenchConfig, device: str = "cpu") -> str:
     t = config.timing
+    gpu = (
+        "" if torch.device(device).type == "cpu" else
+        " On this GPU the timed calls run without stage clocks (each lap synchronises); the routing overhead "
+        "comes from as many synchronised calls after them, as a share of their summed stage times."
+    )  # fmt: skip
     return (
         f"{copies} copies of the layer (one shared router, distinct expert weights); call i runs copy i mod "
         f"{copies} on input i mod {config.inputs} (seeded N(0,1) hidden states). {t.warmup} warm-up calls "
@@ -338,4 +356,5 @@ def _method_text(copies: int, config: LayerBenchConfig) -> str:
         "touches all experts. FLOPs: 6·H·I per (token, expert) slot + router GEMM. Rates: mean bytes or FLOPs "
         "of the timed calls over the median time. Routing overhead: median over calls of (routing + dispatch + "
         "combine) / call wall time; transformers' blocks have no stage timers, so it is not measured for hf-*."
+        + gpu
     )

@@ -72,6 +72,17 @@ def check_correctness() -> list[str]:
                 err = (y.cpu().double() - expected).abs().max().item()
                 if not err <= tolerance(dtype).bound(expected):
                     failures.append(f"{dtype} {act} T={tokens} k={ids.shape[1]}: max abs err {err:.3g}")
+    for tokens, top_k, experts in ((1, 8, 128), (7, 2, 6), (509, 8, 128), (1024, 8, 128), (4096, 2, 64)):
+        ids = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices.cuda()
+        fused = triton_moe.plan_on_device(ids, experts)
+        ids_S = ids.reshape(-1)  # the reference: torch's stable sort
+        expert_ids, order = torch.sort(ids_S, stable=True)
+        inverse = torch.empty_like(order).index_put_((order,), torch.arange(order.shape[0], device=order.device))
+        same = (fused is not None and torch.equal(fused.order_S, order) and torch.equal(fused.expert_ids_S, expert_ids)
+                and torch.equal(fused.token_idx_S, order // top_k) and torch.equal(fused.position_S, inverse)
+                and torch.equal(fused.counts_E, torch.bincount(ids_S, minlength=experts)))  # fmt: skip
+        if not same:
+            failures.append(f"plan_on_device T={tokens} K={top_k} E={experts}: differs from torch's stable sort")
     for family in ("qwen3_moe", "deepseek_v3"):
         reference, model = tiny_model(family).cuda(), tiny_model(family).cuda()
         activepath.optimize(model, backend="triton")

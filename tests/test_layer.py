@@ -3,6 +3,8 @@ awkward token counts and loads, dispatch/combine invariants, stats, and bad inpu
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -297,5 +299,6 @@ def test_accelerator_combine_is_a_deterministic_gather_sum(tokens: int) -> None:
     assert got.shape == (tokens, H)
     torch.testing.assert_close(got, combine(out_SH.clone(), plan, w_TK), rtol=1e-6, atol=1e-6)
     assert torch.equal(got, combine_mod._gather_sum(weighted_SH, plan))
-    on_meta = type(plan)(**{f: (v.to("meta") if isinstance(v, torch.Tensor) else v) for f, v in plan.__dict__.items()})
+    fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}  # not the cached properties
+    on_meta = type(plan)(**{f: (v.to("meta") if isinstance(v, torch.Tensor) else v) for f, v in fields.items()})
     assert combine(out_SH.to("meta"), on_meta, w_TK.to("meta")).shape == (tokens, H)

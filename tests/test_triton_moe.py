@@ -193,9 +193,9 @@ def test_kernels_compile_for_the_gpu(arch: int) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    assert len(result) == 9 and all(size > 0 for _, size in result.values())
+    assert len(result) == 10 and all(size > 0 for _, size in result.values())
     for variant, (tensor_cores, _) in result.items():
-        gemm = not variant.startswith("combine")
+        gemm = not variant.startswith(("combine", "plan_slots"))
         assert tensor_cores == (gemm and "fp32" not in variant), variant  # fp32 stays IEEE: no TF32
 
 
@@ -230,3 +230,27 @@ def test_runs_from_the_device_plan_without_reading_counts_back() -> None:
     assert "counts" not in plan.__dict__ and "offsets" not in plan.__dict__
     expected = triton_moe.triton_experts(weights, x_TH, plan_dispatch(ids_TK, E), topk_weights_TK=w_TK)
     assert torch.equal(y_TH, expected)
+
+
+@pytest.mark.parametrize("tokens, k, experts, pool", [
+    (1, 2, 6, None), (13, 3, 6, None), (300, 2, 6, None), (37, 1, 6, (4,)), (11, 2, 128, (1, 5, 127)),
+    (97, 8, 128, None),
+])  # fmt: skip
+def test_one_launch_plan_matches_plan_dispatch(tokens: int, k: int, experts: int, pool: tuple[int, ...] | None) -> None:
+    # The GPU layer's plan (triton_moe.plan_on_device: a counting sort in one launch), here
+    # under the interpreter: the same stable order, tokens, experts and counts as the CPU
+    # plan, and its positions the inverse of the order. One token, a prime count, several
+    # programs (600 slots), all slots on one expert, idle experts, 128 experts.
+    gen = torch.Generator().manual_seed(tokens)
+    if pool is None:
+        ids_TK = torch.rand(tokens, experts, generator=gen).topk(k, dim=1).indices
+    else:
+        choice = torch.tensor(pool)
+        ids_TK = torch.stack([choice[torch.randperm(len(pool), generator=gen)[:k]] for _ in range(tokens)])
+    plan = triton_moe.plan_on_device(ids_TK, experts)
+    assert plan is not None
+    host = plan_dispatch(ids_TK, experts)
+    for name in ("order_S", "token_idx_S", "expert_ids_S", "counts_E"):
+        assert torch.equal(getattr(plan, name), getattr(host, name)), name
+    assert torch.equal(plan.position_S, host.position_S)
+    assert triton_moe.plan_on_device(torch.zeros(0, 2, dtype=torch.long), experts) is None  # nothing to plan

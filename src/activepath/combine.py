@@ -51,10 +51,10 @@ def token_slot_positions(plan: DispatchPlan, *, missing: int, dtype: torch.dtype
     """pos_TK: where each token's K slots sit in sorted order, ascending along K (= ascending
     expert, the order the CPU combine adds them in); ``missing`` for slots a capacity stage
     dropped. On the device of ``plan.order_S``."""
-    device = plan.order_S.device
-    pos_S = torch.full((plan.num_tokens * plan.top_k,), missing, dtype=dtype, device=device)
-    pos_S[plan.order_S] = torch.arange(plan.order_S.shape[0], dtype=dtype, device=device)
-    return pos_S.view(plan.num_tokens, plan.top_k).sort(dim=1).values
+    pos_S = plan.position_S
+    if missing != -1:
+        pos_S = pos_S.masked_fill(pos_S < 0, missing)
+    return pos_S.to(dtype).view(plan.num_tokens, plan.top_k).sort(dim=1).values
 
 
 def _native_applies(out_sorted_SH: torch.Tensor, topk_weights_TK: torch.Tensor, plan: DispatchPlan) -> bool:

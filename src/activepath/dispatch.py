@@ -8,7 +8,7 @@ K experts per token, S = T*K slots, E experts.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -31,6 +31,18 @@ class DispatchPlan:
     counts_E: torch.Tensor
     num_tokens: int
     top_k: int
+    # the inverse of order_S, when the planner made it anyway (see ``position_S``)
+    given_position_S: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def position_S(self) -> torch.Tensor:
+        """int64 [T*K]: the sorted position of slot ``t*K + k``, -1 for a slot a capacity
+        stage dropped (the inverse of ``order_S``). On the device of ``order_S``."""
+        if self.given_position_S is not None:
+            return self.given_position_S
+        device = self.order_S.device
+        position_S = torch.full((self.num_tokens * self.top_k,), -1, dtype=torch.int64, device=device)
+        return position_S.index_put_((self.order_S,), torch.arange(self.order_S.shape[0], device=device))
 
     @cached_property
     def counts(self) -> tuple[int, ...]:
@@ -103,6 +115,12 @@ def _device_plan(topk_ids_TK: torch.Tensor, num_experts: int, validate: bool) ->
     ids_S = topk_ids_TK.reshape(-1)
     if validate:
         _check_in_range(ids_S, num_experts)
+    if topk_ids_TK.device.type == "cuda":
+        from . import triton_moe  # one Triton launch instead of ~10 small torch ops (host time at decode)
+
+        plan = triton_moe.plan_on_device(topk_ids_TK, num_experts)
+        if plan is not None:
+            return plan
     expert_ids_S, order_S = torch.sort(ids_S, stable=True)
     bounds_E1 = torch.arange(num_experts + 1, dtype=expert_ids_S.dtype, device=ids_S.device)
     offsets_E1 = torch.searchsorted(expert_ids_S, bounds_E1)

@@ -128,15 +128,53 @@ def down_weighted(h_ptr, w_ptr, b_ptr, order_ptr, tw_ptr, out_ptr, counts_ptr, E
 
 
 @triton.jit
-def combine(src_ptr, pos_ptr, y_ptr, H, K, stride_ss, stride_yt, BLOCK_H: tl.constexpr):
-    """y[t, cols] = the sum over k of src[pos[t, k], cols] (rows with pos -1 left out), in
-    fp32 and in the order of pos[t, :]; one program per token and BLOCK_H columns."""
+def combine(src_ptr, pos_ptr, y_ptr, H, K, stride_ss, stride_yt, K_POW2: tl.constexpr, BLOCK_H: tl.constexpr):
+    """y[t, cols] = the sum of src[j, cols] over token t's sorted positions j = pos[t*K + k]
+    (-1: a dropped slot, left out), added in fp32 in ascending j, which is ascending expert
+    id (the order of the CPU combine); one program per token and BLOCK_H columns."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
+    ks = tl.arange(0, K_POW2)
+    pos = tl.load(pos_ptr + t * K + ks, mask=ks < K, other=-1).to(tl.int64)
+    none = tl.full((K_POW2,), 1 << 62, tl.int64)
+    left = tl.where(pos >= 0, pos, none)  # positions not yet added (distinct: a permutation)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in range(0, K):
-        j = tl.load(pos_ptr + t * K + k).to(tl.int64)
-        kept = tl.full((BLOCK_H,), j, tl.int64) >= 0  # a block mask: a scalar one is not accepted everywhere
-        acc += tl.load(src_ptr + j * stride_ss + cols, mask=col_ok & kept, other=0.0)
+    for _ in range(0, K):
+        j = tl.min(left, 0)
+        left = tl.where(left == j, none, left)
+        kept = tl.full((BLOCK_H,), j, tl.int64) < (1 << 62)  # a block mask: a scalar one is not accepted everywhere
+        acc += tl.load(src_ptr + tl.where(j < (1 << 62), j, 0) * stride_ss + cols, mask=col_ok & kept, other=0.0)
     tl.store(y_ptr + t * stride_yt + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def plan_slots(ids_ptr, order_ptr, token_ptr, expert_ptr, position_ptr, counts_ptr, S, E, K,
+               E_POW2: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """The dispatch plan in one launch: a stable counting sort of the S slots by expert.
+    Slot s goes to rank(s) = #(slots with a smaller id) + #(earlier slots with the same id),
+    the position ``torch.sort(stable=True)`` gives it. Each program ranks BLOCK_S slots
+    against all S, CHUNK at a time; program 0 also counts the slots of each expert. Ids
+    must lie in [0, E) (a router's top-k does)."""
+    p = tl.program_id(0)
+    s = p * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = s < S
+    mine = tl.load(ids_ptr + s, mask=ok, other=0).to(tl.int32)
+    rank = tl.zeros((BLOCK_S,), dtype=tl.int32)
+    for c0 in range(0, S, CHUNK):
+        o = c0 + tl.arange(0, CHUNK)
+        other = tl.load(ids_ptr + o, mask=o < S, other=E).to(tl.int32)  # E: past every real id
+        before = (other[None, :] < mine[:, None]) | ((other[None, :] == mine[:, None]) & (o[None, :] < s[:, None]))
+        rank += tl.sum(before.to(tl.int32), 1)
+    tl.store(order_ptr + rank, s.to(tl.int64), mask=ok)
+    tl.store(expert_ptr + rank, mine.to(tl.int64), mask=ok)
+    tl.store(token_ptr + rank, (s // K).to(tl.int64), mask=ok)
+    tl.store(position_ptr + s, rank.to(tl.int64), mask=ok)
+    if p == 0:
+        es = tl.arange(0, E_POW2)
+        counts = tl.zeros((E_POW2,), dtype=tl.int32)
+        for c0 in range(0, S, CHUNK):
+            o = c0 + tl.arange(0, CHUNK)
+            other = tl.load(ids_ptr + o, mask=o < S, other=E).to(tl.int32)
+            counts += tl.sum((other[None, :] == es[:, None]).to(tl.int32), 1)
+        tl.store(counts_ptr + es, counts.to(tl.int64), mask=es < E)

@@ -42,7 +42,6 @@ from types import ModuleType
 
 import torch
 
-from .combine import token_slot_positions
 from .dispatch import DispatchPlan
 from .experts import ExpertWeights
 
@@ -203,14 +202,43 @@ def combine_sorted(weighted_SH: torch.Tensor, plan: DispatchPlan, dtype: torch.d
     ``dtype``. Slots a capacity stage dropped are absent from the plan and add nothing."""
     kernels = _kernels()
     num_tokens, top_k, hidden = plan.num_tokens, plan.top_k, weighted_SH.shape[1]
-    pos_TK = token_slot_positions(plan, missing=-1, dtype=torch.int32).contiguous()  # the kernel skips -1
     y_TH = torch.empty(num_tokens, hidden, dtype=dtype, device=weighted_SH.device)
     if num_tokens == 0:
         return y_TH
     grid = (num_tokens, -(-hidden // block_h))
-    kernels.combine[grid](weighted_SH, pos_TK, y_TH, hidden, top_k, weighted_SH.stride(0), y_TH.stride(0),
-                          BLOCK_H=block_h)  # fmt: skip
+    kernels.combine[grid](weighted_SH, plan.position_S, y_TH, hidden, top_k, weighted_SH.stride(0), y_TH.stride(0),
+                          K_POW2=_pow2(top_k), BLOCK_H=block_h)  # fmt: skip
     return y_TH
+
+
+# Up to this many slots the plan is one Triton launch (a counting sort: S^2/BLOCK_S compares per
+# program); past it, torch's sort (the GPU is busy with the GEMMs there anyway).
+PLAN_MAX_SLOTS = 8192
+
+
+def plan_on_device(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan | None:
+    """The dispatch plan of ``topk_ids_TK`` (ids in [0, E), unchecked) in one Triton launch:
+    the same order, token ids, expert ids and counts as ``plan_dispatch`` (a stable sort),
+    plus each slot's sorted position. None where it does not apply (no triton, CPU tensors
+    without the interpreter, more than ``PLAN_MAX_SLOTS`` slots, more than 1024 experts)."""
+    num_tokens, top_k = topk_ids_TK.shape
+    num_slots = num_tokens * top_k
+    if not available() or (topk_ids_TK.device.type != "cuda" and not interpreting()):
+        return None
+    if not 0 < num_slots <= PLAN_MAX_SLOTS or num_experts > 1024 or topk_ids_TK.dtype not in (torch.int64, torch.int32):
+        return None
+    ids_S = topk_ids_TK.reshape(-1).contiguous()
+    device = ids_S.device
+    order_S, token_idx_S, expert_ids_S, position_S = (
+        torch.empty(num_slots, dtype=torch.int64, device=device) for _ in range(4))  # fmt: skip
+    counts_E = torch.empty(num_experts, dtype=torch.int64, device=device)
+    block_s = min(128, max(16, _pow2(num_slots)))
+    _kernels().plan_slots[(-(-num_slots // block_s),)](
+        ids_S, order_S, token_idx_S, expert_ids_S, position_S, counts_E, num_slots, num_experts, top_k,
+        E_POW2=_pow2(num_experts), BLOCK_S=block_s, CHUNK=32,
+    )  # fmt: skip
+    return DispatchPlan(order_S=order_S, token_idx_S=token_idx_S, expert_ids_S=expert_ids_S.to(topk_ids_TK.dtype),
+                        counts_E=counts_E, num_tokens=num_tokens, top_k=top_k, given_position_S=position_S)  # fmt: skip
 
 
 def _kernels() -> ModuleType:
@@ -248,9 +276,15 @@ def compile_kernels(arch: int = 90) -> dict[str, str]:
                     "stride_wn": "i32", "stride_be": "i32", "stride_os": "i32",
                     **dict.fromkeys(down_flags, "constexpr")}  # fmt: skip
         ptx[f"down_weighted {dtype}"] = _compile(triton, ASTSource, kernels.down_weighted, down_sig, down_flags, target)
-        comb_sig = {"src_ptr": "*fp32", "pos_ptr": "*i32", "y_ptr": f"*{dtype}", "H": "i32", "K": "i32",
-                    "stride_ss": "i32", "stride_yt": "i32", "BLOCK_H": "constexpr"}  # fmt: skip
-        ptx[f"combine {dtype}"] = _compile(triton, ASTSource, kernels.combine, comb_sig, {"BLOCK_H": 128}, target)
+        comb_sig = {"src_ptr": "*fp32", "pos_ptr": "*i64", "y_ptr": f"*{dtype}", "H": "i32", "K": "i32",
+                    "stride_ss": "i32", "stride_yt": "i32", "K_POW2": "constexpr", "BLOCK_H": "constexpr"}  # fmt: skip
+        ptx[f"combine {dtype}"] = _compile(triton, ASTSource, kernels.combine, comb_sig, {"K_POW2": 8, "BLOCK_H": 128},
+                                           target)  # fmt: skip
+    plan_sig = {"ids_ptr": "*i64", **dict.fromkeys(("order_ptr", "token_ptr", "expert_ptr", "position_ptr", "counts_ptr"),
+                "*i64"), "S": "i32", "E": "i32", "K": "i32", "E_POW2": "constexpr", "BLOCK_S": "constexpr",
+                "CHUNK": "constexpr"}  # fmt: skip
+    ptx["plan_slots"] = _compile(triton, ASTSource, kernels.plan_slots, plan_sig,
+                                 {"E_POW2": 128, "BLOCK_S": 128, "CHUNK": 32}, target)  # fmt: skip
     return ptx
 
 

@@ -149,30 +149,32 @@ def combine(src_ptr, pos_ptr, y_ptr, H, K, stride_ss, stride_yt, K_POW2: tl.cons
 
 
 @triton.jit
-def plan_slots(ids_ptr, order_ptr, token_ptr, expert_ptr, position_ptr, counts_ptr, S, E, K,
-               E_POW2: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+def plan_slots(ids_ptr, order_ptr, token_ptr, expert_ptr, position_ptr, counts_ptr, S, E, K, RANK_PROGRAMS,
+               BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
     """The dispatch plan in one launch: a stable counting sort of the S slots by expert.
     Slot s goes to rank(s) = #(slots with a smaller id) + #(earlier slots with the same id),
-    the position ``torch.sort(stable=True)`` gives it. Each program ranks BLOCK_S slots
-    against all S, CHUNK at a time; program 0 also counts the slots of each expert. Ids
-    must lie in [0, E) (a router's top-k does)."""
+    the position ``torch.sort(stable=True)`` gives it. The first RANK_PROGRAMS programs rank
+    BLOCK_S slots each against all S, CHUNK at a time; the others count the slots of BLOCK_E
+    experts each (no atomics: every output element has one writer). Ids must lie in [0, E)
+    (a router's top-k does)."""
     p = tl.program_id(0)
-    s = p * BLOCK_S + tl.arange(0, BLOCK_S)
-    ok = s < S
-    mine = tl.load(ids_ptr + s, mask=ok, other=0).to(tl.int32)
-    rank = tl.zeros((BLOCK_S,), dtype=tl.int32)
-    for c0 in range(0, S, CHUNK):
-        o = c0 + tl.arange(0, CHUNK)
-        other = tl.load(ids_ptr + o, mask=o < S, other=E).to(tl.int32)  # E: past every real id
-        before = (other[None, :] < mine[:, None]) | ((other[None, :] == mine[:, None]) & (o[None, :] < s[:, None]))
-        rank += tl.sum(before.to(tl.int32), 1)
-    tl.store(order_ptr + rank, s.to(tl.int64), mask=ok)
-    tl.store(expert_ptr + rank, mine.to(tl.int64), mask=ok)
-    tl.store(token_ptr + rank, (s // K).to(tl.int64), mask=ok)
-    tl.store(position_ptr + s, rank.to(tl.int64), mask=ok)
-    if p == 0:
-        es = tl.arange(0, E_POW2)
-        counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    if p < RANK_PROGRAMS:
+        s = p * BLOCK_S + tl.arange(0, BLOCK_S)
+        ok = s < S
+        mine = tl.load(ids_ptr + s, mask=ok, other=0).to(tl.int32)
+        rank = tl.zeros((BLOCK_S,), dtype=tl.int32)
+        for c0 in range(0, S, CHUNK):
+            o = c0 + tl.arange(0, CHUNK)
+            other = tl.load(ids_ptr + o, mask=o < S, other=E).to(tl.int32)  # E: past every real id
+            before = (other[None, :] < mine[:, None]) | ((other[None, :] == mine[:, None]) & (o[None, :] < s[:, None]))
+            rank += tl.sum(before.to(tl.int32), 1)
+        tl.store(order_ptr + rank, s.to(tl.int64), mask=ok)
+        tl.store(expert_ptr + rank, mine.to(tl.int64), mask=ok)
+        tl.store(token_ptr + rank, (s // K).to(tl.int64), mask=ok)
+        tl.store(position_ptr + s, rank.to(tl.int64), mask=ok)
+    else:
+        es = (p - RANK_PROGRAMS) * BLOCK_E + tl.arange(0, BLOCK_E)
+        counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
         for c0 in range(0, S, CHUNK):
             o = c0 + tl.arange(0, CHUNK)
             other = tl.load(ids_ptr + o, mask=o < S, other=E).to(tl.int32)

@@ -302,3 +302,22 @@ def test_accelerator_combine_is_a_deterministic_gather_sum(tokens: int) -> None:
     fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}  # not the cached properties
     on_meta = type(plan)(**{f: (v.to("meta") if isinstance(v, torch.Tensor) else v) for f, v in fields.items()})
     assert combine(out_SH.to("meta"), on_meta, w_TK.to("meta")).shape == (tokens, H)
+
+
+def test_grouped_off_the_cpu_reads_no_counts_back() -> None:
+    # On a GPU, `grouped` runs torch's grouped GEMM with the expert offsets computed on the
+    # device, and the combine gathers by the plan's positions: no read of the counts (a
+    # sync there). The meta device runs that path end to end (bf16, as CUDA requires) and
+    # would fail on any read of a value.
+    from activepath import experts as experts_mod
+
+    gen = torch.Generator().manual_seed(0)
+    ids_TK = torch.rand(7, E, generator=gen).topk(K, dim=1).indices
+    plan = dispatch._device_plan(ids_TK.to("meta"), E, validate=False)
+    weights = ExpertWeights(torch.randn(E, 2 * I, H, dtype=torch.bfloat16, device="meta"),
+                            torch.randn(E, H, I, dtype=torch.bfloat16, device="meta"), ActivationConfig(kind="silu"))  # fmt: skip
+    with torch.no_grad():
+        out_SH = experts_mod.grouped_experts(weights, torch.randn(7, H, dtype=torch.bfloat16, device="meta"), plan)
+        y_TH = combine(out_SH, plan, torch.rand(7, K, device="meta"))
+    assert out_SH.shape == (7 * K, H) and y_TH.shape == (7, H)
+    assert "counts" not in plan.__dict__ and "offsets" not in plan.__dict__

@@ -238,6 +238,8 @@ def grouped_experts(
     x_SH = _gather(x_TH, plan, workspace)
     if _native_applies(weights, x_SH):
         return _native_experts(weights, x_SH, plan, batch_invariant=False, workspace=workspace)
+    if x_SH.device.type != "cpu" and _grouped_mm_applies(weights, x_SH):
+        return _grouped_mm_experts(weights, x_SH, plan)  # on a GPU: no read back of the counts
     # torch's CPU grouped GEMM visits every expert (an empty matmul and a host sync each),
     # so when few experts are active (decode) the loop over the active ones is cheaper.
     few_active = len(plan.active_experts) * 8 <= weights.num_experts
@@ -381,7 +383,7 @@ def _run_segments(
 
 
 def _grouped_mm_experts(weights: ExpertWeights, x_SH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    ends_E = torch.tensor(plan.offsets[1:], dtype=torch.int32, device=x_SH.device)
+    ends_E = plan.counts_E.cumsum(0).to(torch.int32)  # on the device: no host ints needed
     w_gu_EHN = weights.w_gate_up if weights.transposed else weights.w_gate_up.transpose(-2, -1)
     w_dn_EIH = weights.w_down if weights.transposed else weights.w_down.transpose(-2, -1)
     gate_up_S2I = F.grouped_mm(x_SH, w_gu_EHN, offs=ends_E)
@@ -394,14 +396,16 @@ def _grouped_mm_experts(weights: ExpertWeights, x_SH: torch.Tensor, plan: Dispat
 
 
 def _grouped_mm_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
-    """torch's grouped GEMM: plain stacked weights, no autograd on CPU, fp32/bf16/fp16 only,
-    16-byte aligned rows."""
+    """torch's grouped GEMM: plain stacked weights, no autograd, fp32/bf16/fp16 on the CPU and
+    bf16 elsewhere, 16-byte aligned rows."""
     if type(weights) is not ExpertWeights or not hasattr(F, "grouped_mm"):
         return False
     if torch.is_grad_enabled() or x_SH.shape[0] == 0:
         return False
     if x_SH.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
+    if x_SH.device.type != "cpu" and x_SH.dtype != torch.bfloat16:
+        return False  # torch's CUDA grouped GEMM takes bf16 only (its meta kernel checks the same)
     row_bytes = (weights.hidden_size * x_SH.element_size(), weights.intermediate_size * x_SH.element_size())
     pointers = (x_SH.data_ptr(), weights.w_gate_up.data_ptr(), weights.w_down.data_ptr())
     return all(n % 16 == 0 for n in row_bytes + pointers)

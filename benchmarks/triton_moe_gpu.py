@@ -1,25 +1,27 @@
 """The device check of the ``triton`` experts backend: one short script for a lent GPU.
 
-    python benchmarks/triton_moe_gpu.py [--out benchmarks/results/qwen3-30b-a3b_layer_gpu_bf16]
-                                        [--tokens 1,8,64,512,4096] [--iters 20]
+    python benchmarks/triton_moe_gpu.py [--out benchmarks/results/qwen3-30b-a3b_layer_h200_bf16]
+                                        [--tokens 1,8,64,512,4096] [--iters 20] [--no-sweep]
 
 1. Correctness of the *compiled* kernels (CI only runs them in Triton's CPU interpreter):
    the backend on CUDA tensors against the float64 oracle of tests/oracle.py, fp32 and bf16,
    at 1, 13 and 300 tokens, every gated activation, with and without biases, one expert
-   taking every token, and a whole tiny transformers model against its eager experts.
+   taking every token; the one-launch dispatch plan against torch's stable sort (1-4096
+   tokens); two tiny transformers models against their eager experts.
 2. Speed: ``activepath bench layer`` on one Qwen3-30B-A3B MoE layer (H 2048, I 768, 128
    experts, top-8) in bf16. It runs ``activepath:triton`` against ``activepath:grouped``
    (torch's grouped GEMM on CUDA) and transformers' ``grouped_mm``, in one run. The HBM
    bandwidth and the bf16 GEMM rate are measured in the same run, so the report gives % of
    the HBM roofline at decode and % of the measured GEMM rate at prefill.
 3. A tile sweep of the backend alone (block sizes, warps) at 1-4096 tokens, to pick the
-   defaults from measurements: PREFIX_tiles.json. Each configuration is timed twice: per
-   call (block plan on the host, its copy, three launches) and as the three kernels alone,
-   replayed from a CUDA graph with the block plan built beforehand. The difference is host
-   overhead.
+   defaults from measurements: PREFIX_tiles.json. Each configuration is timed per call and
+   replayed from CUDA graphs (the kernels without the host's launch costs).
+4. Whole layers (router, dispatch, experts, combine) of the three implementations, per call
+   back to back and replayed from CUDA graphs: PREFIX_graphs.json.
 
 Each part runs even when an earlier one failed (the traceback is printed), so one run of
-the lease returns everything that works.
+the lease returns everything that works. Results of the H200 runs: benchmarks/results/
+qwen3-30b-a3b_layer_h200_bf16*.
 
 Without a CUDA device it says so and exits 0. TRITON_INTERPRET must be unset.
 """
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = "benchmarks/results/qwen3-30b-a3b_layer_gpu_bf16"
+DEFAULT_OUT = "benchmarks/results/qwen3-30b-a3b_layer_gpu_bf16"  # one file set per card
 
 
 def check_correctness() -> list[str]:

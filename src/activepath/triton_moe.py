@@ -10,6 +10,9 @@
    the order the CPU ``combine`` uses. There are no atomics, so the result does not depend
    on scheduling (``torch.index_add_`` on CUDA does).
 
+The dispatch stage borrows one more kernel from here: on CUDA, ``plan_dispatch`` builds its
+plan with ``plan_on_device`` (a stable counting sort in one launch) for every backend.
+
 The grouped GEMMs run over *blocks*: runs of up to ``block_m`` sorted slots of a single
 expert. Each program works out its own block from the per-expert slot counts on the device,
 so nothing is read back to the host and no block table is copied to the GPU: with the

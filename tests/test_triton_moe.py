@@ -254,3 +254,5 @@ def test_one_launch_plan_matches_plan_dispatch(tokens: int, k: int, experts: int
         assert torch.equal(getattr(plan, name), getattr(host, name)), name
     assert torch.equal(plan.position_S, host.position_S)
     assert triton_moe.plan_on_device(torch.zeros(0, 2, dtype=torch.long), experts) is None  # nothing to plan
+    too_many = torch.zeros(triton_moe.PLAN_MAX_SLOTS // 2 + 1, 2, dtype=torch.long)
+    assert triton_moe.plan_on_device(too_many, experts) is None  # torch's sort takes over

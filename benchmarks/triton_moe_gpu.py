@@ -55,14 +55,18 @@ def check_correctness() -> list[str]:
     gen = torch.Generator().manual_seed(0)
     num_experts, hidden, inter = 8, 256, 192
     for dtype in (torch.float32, torch.bfloat16):
-        for act in ("silu", "gelu", "gelu_tanh"):
+        for act in ("silu", "gelu", "gelu_tanh", "clamped_swiglu"):  # the last in GPT-OSS's layout
+            gpt_oss = act == "clamped_swiglu"
             for tokens, top_k, biases, one_expert in ((1, 2, False, False), (13, 3, True, False),
                                                       (300, 4, False, False), (300, 1, False, True)):  # fmt: skip
                 w_gu = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5
                 w_dn = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5
-                b_gu = 0.1 * torch.randn(num_experts, 2 * inter, generator=gen) if biases else None
-                b_dn = 0.1 * torch.randn(num_experts, hidden, generator=gen) if biases else None
-                weights = ExpertWeights(w_gu, w_dn, ActivationConfig(kind=act), b_gate_up_E2I=b_gu,
+                if gpt_oss:  # transposed [E, H, 2I] / [E, I, H]; interleaved rows; gates past the clamp
+                    w_gu, w_dn = 3 * w_gu.transpose(1, 2).contiguous(), w_dn.transpose(1, 2).contiguous()
+                b_gu = 0.1 * torch.randn(num_experts, 2 * inter, generator=gen) if biases or gpt_oss else None
+                b_dn = 0.1 * torch.randn(num_experts, hidden, generator=gen) if biases or gpt_oss else None
+                activation = ActivationConfig(kind=act, interleaved=gpt_oss, limit=1.5 if gpt_oss else 7.0)
+                weights = ExpertWeights(w_gu, w_dn, activation, transposed=gpt_oss, b_gate_up_E2I=b_gu,
                                         b_down_EH=b_dn).to(dtype)  # fmt: skip
                 x = torch.randn(tokens, hidden, generator=gen).to(dtype)
                 scores = torch.rand(tokens, num_experts, generator=gen)
@@ -85,7 +89,7 @@ def check_correctness() -> list[str]:
                 and torch.equal(fused.counts_E, torch.bincount(ids_S, minlength=experts)))  # fmt: skip
         if not same:
             failures.append(f"plan_on_device T={tokens} K={top_k} E={experts}: differs from torch's stable sort")
-    for family in ("qwen3_moe", "deepseek_v3"):
+    for family in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
         reference, model = tiny_model(family).cuda(), tiny_model(family).cuda()
         activepath.optimize(model, backend="triton")
         ids = torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()

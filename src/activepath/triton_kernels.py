@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 # constexpr globals: compiled kernels may read no other module-level values
-SILU, GELU, GELU_TANH = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+SILU, GELU, GELU_TANH, CLAMPED_SWIGLU = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
 
 @triton.jit
@@ -41,18 +41,24 @@ def _block(counts_ptr, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, E, H, I,
-                stride_xt, stride_we, stride_wn, stride_be, stride_hs,
+                stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hs, GATE_STEP, UP_OFF, alpha, limit,
                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                 E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """h[rows, cols] = act(x[tok] @ w_gate[e].T) * (x[tok] @ w_up[e].T) for one block of
     sorted slots (rows) and BLOCK_N intermediate columns. x rows are read by token index
-    (``tok_ptr``: int64 token of each sorted slot): the gather is this load."""
+    (``tok_ptr``: int64 token of each sorted slot): the gather is this load. Column j of
+    the intermediate takes gate row ``j * GATE_STEP`` and up row ``j * GATE_STEP + UP_OFF``
+    of the fused [2I] projection: (1, I) for [gate | up], (2, 1) for GPT-OSS's interleaved
+    rows. ``stride_wn``/``stride_wk`` address either weight layout ([E, 2I, H] or GPT-OSS's
+    transposed [E, H, 2I]). ``alpha``/``limit``: the clamped SwiGLU's (GPT-OSS)."""
     e, lo, hi = _block(counts_ptr, E, E_POW2, BLOCK_M)
     rows = lo + tl.arange(0, BLOCK_M)
     row_ok = rows < hi
     tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
+    n_gate = cols * GATE_STEP
+    n_up = n_gate + UP_OFF
     w_e = w_ptr + e * stride_we
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -62,8 +68,8 @@ def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, E, H, I,
         k_ok = ks < H
         a = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        wg = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)
-        wu = tl.load(w_e + (cols[None, :] + I) * stride_wn + ks[:, None], mask=w_mask, other=0.0)
+        wg = tl.load(w_e + n_gate[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
+        wu = tl.load(w_e + n_up[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
         if UPCAST:
             a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
         if IEEE or UPCAST:  # fp32 inputs: no TF32 rounding, the precision of the CPU paths
@@ -73,29 +79,34 @@ def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, E, H, I,
             acc_g = tl.dot(a, wg, acc_g)
             acc_u = tl.dot(a, wu, acc_u)
     if HAS_BIAS:
-        acc_g += tl.load(b_ptr + e * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        acc_u += tl.load(b_ptr + e * stride_be + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(b_ptr + e * stride_be + n_gate, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + e * stride_be + n_up, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # The projections are rounded to the activations' dtype before the activation, as
     # the other backends (and transformers) compute them.
     g = acc_g.to(h_ptr.dtype.element_ty).to(tl.float32)
     u = acc_u.to(h_ptr.dtype.element_ty).to(tl.float32)
     if ACT == SILU:
-        act = g * tl.sigmoid(g)
+        h = g * tl.sigmoid(g) * u
     elif ACT == GELU:
-        act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    else:  # tanh approximation, with tanh(z) = 2 sigmoid(2z) - 1
-        act = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+        h = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
+    elif ACT == GELU_TANH:  # tanh approximation, with tanh(z) = 2 sigmoid(2z) - 1
+        h = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u
+    else:  # clamped SwiGLU: (up + 1) * g * sigmoid(alpha g), gate clamped above, up both ways
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        h = (u + 1.0) * (g * tl.sigmoid(g * alpha))
     out = h_ptr + rows[:, None].to(tl.int64) * stride_hs + cols[None, :]
-    tl.store(out, (act * u).to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def down_weighted(h_ptr, w_ptr, b_ptr, order_ptr, tw_ptr, out_ptr, counts_ptr, E, I, H,
-                  stride_hs, stride_we, stride_wn, stride_be, stride_os,
+                  stride_hs, stride_we, stride_wn, stride_wk, stride_be, stride_os,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                   E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """out[rows, cols] = routing weight × (h[rows] @ w_down[e].T), fp32, for one block of
-    sorted slots and BLOCK_N hidden columns. A sorted slot's routing weight is
+    sorted slots and BLOCK_N hidden columns (``stride_wn``/``stride_wk``: [E, H, I] or the
+    transposed [E, I, H]). A sorted slot's routing weight is
     ``tw[order[row]]`` (``tw``: the [T*K] fp32 top-k weights, ``order``: int64 slot ids)."""
     e, lo, hi = _block(counts_ptr, E, E_POW2, BLOCK_M)
     rows = lo + tl.arange(0, BLOCK_M)
@@ -110,7 +121,8 @@ def down_weighted(h_ptr, w_ptr, b_ptr, order_ptr, tw_ptr, out_ptr, counts_ptr, E
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < I
         a = tl.load(h_ptr + rows64[:, None] * stride_hs + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         if IEEE or UPCAST:

@@ -23,8 +23,9 @@ get no blocks.
 
 Where it runs: CUDA tensors, or CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, how CI checks the kernels on tiny shapes). Where it does not apply
-(GPT-OSS's transposed, interleaved experts and clamped SwiGLU; no Triton; CPU tensors without
-the interpreter) the backend says why, with a clear error.
+(quantized experts, float64, no Triton, CPU tensors without the interpreter) the backend
+says why, with a clear error. GPT-OSS's layout is supported: transposed [E, H, 2I] weights,
+gate/up rows interleaved, biases and the clamped SwiGLU.
 
 Other tile sizes are one registration away (the defaults are not yet tuned on a GPU):
 
@@ -48,7 +49,7 @@ import torch
 from .dispatch import DispatchPlan
 from .experts import ExpertWeights
 
-_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # kind → triton_kernels' ACT constant
+_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "clamped_swiglu": 3}  # kind → triton_kernels' ACT constant
 
 
 def available() -> bool:
@@ -120,8 +121,6 @@ def unsupported_reason(weights: ExpertWeights, x_TH: torch.Tensor) -> str | None
                 "before triton is first imported)")
     if type(weights) is not ExpertWeights:
         return f"{type(weights).__name__} experts (quantized weights) have no Triton kernel"
-    if weights.transposed or weights.activation.interleaved:
-        return "transposed / interleaved gate-up experts (GPT-OSS) have no Triton kernel"
     if weights.activation.kind not in _ACTIVATIONS:
         return f"activation {weights.activation.kind!r} has no Triton kernel"
     if x_TH.dtype != weights.dtype or x_TH.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -130,7 +129,7 @@ def unsupported_reason(weights: ExpertWeights, x_TH: torch.Tensor) -> str | None
         return f"activations on {x_TH.device}, weights on {weights.w_gate_up.device}"
     tensors = [t for t in (weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down) if t is not None]
     if any(t.stride(-1) != 1 for t in tensors):
-        return "expert weights and biases must be contiguous along their last dimension (the kernels' K)"
+        return "expert weights and biases must be contiguous along their last dimension"
     return None
 
 
@@ -161,11 +160,14 @@ def _gate_up(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, con
         return h_SI
     w = weights.w_gate_up.detach()
     bias = weights.b_gate_up
+    act = weights.activation
+    gate_step, up_off = (2, 1) if act.interleaved else (1, inter)
     grid = (blocks, -(-inter // config.block_n))
     kernels.gate_up_act[grid](
         x_TH, plan.token_idx_S, w, w if bias is None else bias.detach(), h_SI, plan.counts_E, num_experts, hidden,
-        inter, x_TH.stride(0), w.stride(0), w.stride(1), 0 if bias is None else bias.stride(0), h_SI.stride(0),
-        ACT=_ACTIVATIONS[weights.activation.kind], HAS_BIAS=bias is not None, IEEE=x_TH.dtype == torch.float32,
+        inter, x_TH.stride(0), w.stride(0), *_nk_strides(w, weights.transposed), 0 if bias is None else bias.stride(0),
+        h_SI.stride(0), gate_step, up_off, float(act.alpha), float(act.limit),
+        ACT=_ACTIVATIONS[act.kind], HAS_BIAS=bias is not None, IEEE=x_TH.dtype == torch.float32,
         UPCAST=interpreting(), E_POW2=_pow2(num_experts),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
@@ -187,12 +189,18 @@ def _down_weighted(weights: ExpertWeights, h_SI: torch.Tensor, plan: DispatchPla
     grid = (blocks, -(-hidden // config.block_n))
     kernels.down_weighted[grid](
         h_SI, w, w if bias is None else bias.detach(), plan.order_S, weights_S, out_SH, plan.counts_E, num_experts,
-        inter, hidden, h_SI.stride(0), w.stride(0), w.stride(1), 0 if bias is None else bias.stride(0),
-        out_SH.stride(0), HAS_BIAS=bias is not None, IEEE=h_SI.dtype == torch.float32, UPCAST=interpreting(),
+        inter, hidden, h_SI.stride(0), w.stride(0), *_nk_strides(w, weights.transposed),
+        0 if bias is None else bias.stride(0), out_SH.stride(0), HAS_BIAS=bias is not None, IEEE=h_SI.dtype == torch.float32, UPCAST=interpreting(),
         E_POW2=_pow2(num_experts),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
     return out_SH
+
+
+def _nk_strides(w: torch.Tensor, transposed: bool) -> tuple[int, int]:
+    """(stride along the output dim N, stride along the reduction dim K) of stacked weights
+    stored [E, N, K] (the nn.Linear layout) or, transposed (GPT-OSS), [E, K, N]."""
+    return (w.stride(2), w.stride(1)) if transposed else (w.stride(1), w.stride(2))
 
 
 def _pow2(n: int) -> int:
@@ -268,25 +276,27 @@ def compile_kernels(arch: int = 90) -> dict[str, str]:
     kernels = _kernels()
     target = GPUTarget("cuda", arch, 32)
     ptx: dict[str, str] = {}
-    for act, dtype, bias in (("silu", "bf16", False), ("gelu", "fp32", True), ("gelu_tanh", "fp16", False)):
+    variants = (("silu", "bf16", False), ("gelu", "fp32", True), ("gelu_tanh", "fp16", False),
+                ("clamped_swiglu", "bf16", True))  # fmt: skip
+    for act, dtype, bias in variants:
         ptrs = {"x_ptr": f"*{dtype}", "tok_ptr": "*i64", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
                 "h_ptr": f"*{dtype}", "counts_ptr": "*i64"}  # fmt: skip
         flags = {"ACT": _ACTIVATIONS[act], "HAS_BIAS": bias, "IEEE": dtype == "fp32", "UPCAST": False,
                  "E_POW2": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}  # fmt: skip
         signature = {**ptrs, "E": "i32", "H": "i32", "I": "i32", "stride_xt": "i32", "stride_we": "i64",
-                     "stride_wn": "i32", "stride_be": "i32", "stride_hs": "i32",
-                     **dict.fromkeys(flags, "constexpr")}  # fmt: skip
+                     "stride_wn": "i32", "stride_wk": "i32", "stride_be": "i32", "stride_hs": "i32", "GATE_STEP": "i32",
+                     "UP_OFF": "i32", "alpha": "fp32", "limit": "fp32", **dict.fromkeys(flags, "constexpr")}  # fmt: skip
         ptx[f"gate_up_act {act} {dtype}"] = _compile(triton, ASTSource, kernels.gate_up_act, signature, flags, target)
         down_ptrs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "order_ptr": "*i64",
                      "tw_ptr": "*fp32", "out_ptr": "*fp32", "counts_ptr": "*i64"}  # fmt: skip
         down_flags = {k: flags[k] for k in ("HAS_BIAS", "IEEE", "UPCAST", "E_POW2", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
         down_sig = {**down_ptrs, "E": "i32", "I": "i32", "H": "i32", "stride_hs": "i32", "stride_we": "i64",
-                    "stride_wn": "i32", "stride_be": "i32", "stride_os": "i32",
+                    "stride_wn": "i32", "stride_wk": "i32", "stride_be": "i32", "stride_os": "i32",
                     **dict.fromkeys(down_flags, "constexpr")}  # fmt: skip
-        ptx[f"down_weighted {dtype}"] = _compile(triton, ASTSource, kernels.down_weighted, down_sig, down_flags, target)
+        ptx[f"down_weighted {act} {dtype}"] = _compile(triton, ASTSource, kernels.down_weighted, down_sig, down_flags, target)
         comb_sig = {"src_ptr": "*fp32", "pos_ptr": "*i64", "y_ptr": f"*{dtype}", "H": "i32", "K": "i32",
                     "stride_ss": "i32", "stride_yt": "i32", "K_POW2": "constexpr", "BLOCK_H": "constexpr"}  # fmt: skip
-        ptx[f"combine {dtype}"] = _compile(triton, ASTSource, kernels.combine, comb_sig, {"K_POW2": 8, "BLOCK_H": 128},
+        ptx[f"combine {act} {dtype}"] = _compile(triton, ASTSource, kernels.combine, comb_sig, {"K_POW2": 8, "BLOCK_H": 128},
                                            target)  # fmt: skip
     plan_sig = {"ids_ptr": "*i64", **dict.fromkeys(("order_ptr", "token_ptr", "expert_ptr", "position_ptr", "counts_ptr"),
                 "*i64"), "S": "i32", "E": "i32", "K": "i32", "RANK_PROGRAMS": "i32", "BLOCK_S": "constexpr",

@@ -40,6 +40,17 @@ def _block(counts_ptr, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ w in fp32. IEEE (fp32 inputs): no TF32 rounding, the precision of the CPU
+    paths. UPCAST (the interpreter): half-precision operands widened to fp32 first."""
+    if UPCAST:
+        a, w = a.to(tl.float32), w.to(tl.float32)
+    if IEEE or UPCAST:
+        return tl.dot(a, w, acc, input_precision="ieee")
+    return tl.dot(a, w, acc)
+
+
+@triton.jit
 def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, E, H, I,
                 stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hs, GATE_STEP, UP_OFF, alpha, limit,
                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -70,14 +81,8 @@ def gate_up_act(x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, E, H, I,
         w_mask = k_ok[:, None] & col_ok[None, :]
         wg = tl.load(w_e + n_gate[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
         wu = tl.load(w_e + n_up[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
-        if UPCAST:
-            a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-        if IEEE or UPCAST:  # fp32 inputs: no TF32 rounding, the precision of the CPU paths
-            acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
-            acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(a, wg, acc_g)
-            acc_u = tl.dot(a, wu, acc_u)
+        acc_g = _dot(a, wg, acc_g, IEEE, UPCAST)
+        acc_u = _dot(a, wu, acc_u, IEEE, UPCAST)
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + e * stride_be + n_gate, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + e * stride_be + n_up, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -123,12 +128,7 @@ def down_weighted(h_ptr, w_ptr, b_ptr, order_ptr, tw_ptr, out_ptr, counts_ptr, E
         a = tl.load(h_ptr + rows64[:, None] * stride_hs + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        if UPCAST:
-            a, w = a.to(tl.float32), w.to(tl.float32)
-        if IEEE or UPCAST:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = _dot(a, w, acc, IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # The expert's output in the activations' dtype first (what every backend returns),

@@ -101,9 +101,11 @@ def default_config(num_slots: int, num_experts: int, dtype: torch.dtype) -> Trit
     0.46 ms for 16x64x64) and 128x128x64 with 8 warps at 4096 (m 256, 1.0 vs 2.2 ms). fp32
     keeps the small tiles: its tiles take twice the registers and shared memory, and no
     fp32 sweep has been run."""
+    if dtype == torch.float32:
+        return TritonConfig()
     m = num_slots / max(1, min(num_experts, num_slots))
-    if dtype == torch.float32 or m < 24:
-        return _DECODE_TILES if dtype != torch.float32 else TritonConfig()
+    if m < 24:
+        return _DECODE_TILES
     if m < 128:
         return TritonConfig(block_m=64, block_n=64, block_k=64, num_warps=4)
     return TritonConfig(block_m=128, block_n=128, block_k=64, num_warps=8)
@@ -190,8 +192,8 @@ def _down_weighted(weights: ExpertWeights, h_SI: torch.Tensor, plan: DispatchPla
     kernels.down_weighted[grid](
         h_SI, w, w if bias is None else bias.detach(), plan.order_S, weights_S, out_SH, plan.counts_E, num_experts,
         inter, hidden, h_SI.stride(0), w.stride(0), *_nk_strides(w, weights.transposed),
-        0 if bias is None else bias.stride(0), out_SH.stride(0), HAS_BIAS=bias is not None, IEEE=h_SI.dtype == torch.float32, UPCAST=interpreting(),
-        E_POW2=_pow2(num_experts),
+        0 if bias is None else bias.stride(0), out_SH.stride(0),
+        HAS_BIAS=bias is not None, IEEE=h_SI.dtype == torch.float32, UPCAST=interpreting(), E_POW2=_pow2(num_experts),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
     return out_SH

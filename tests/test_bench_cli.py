@@ -48,6 +48,8 @@ def test_json_header_fields(all_report):
     assert doc["command"].startswith("activepath bench all ") and "--shape tiny" in doc["command"]
     assert {"torch", "transformers", "activepath", "python"} <= set(doc["environment"]["versions"])
     assert {"cpu", "llc_bytes", "torch_threads", "load_avg_1m_at_start", "load_avg_1m_at_end"} <= set(doc["environment"])
+    # The command tunes the allocator by default, and the report says what it ran under.
+    assert doc["environment"]["allocator"].startswith(("glibc malloc tuned", "default ("))
     roof = doc["roofline"]
     assert roof["bandwidth_GBps"] > 0 and roof["gemm_GFLOPs"] > 0 and roof["method"]
     assert isinstance(doc["notes"], list)
@@ -138,6 +140,16 @@ def test_layer_subcommand_as_user_runs_it(tmp_path):
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["roofline"] is None and all(r["smbu_pct"] is None for r in doc["layer"]["rows"])
     assert "n/m" in done.stdout and doc["generate"] is None
+
+
+def test_untuned_allocator_is_in_the_command_and_the_report(tmp_path):
+    out = tmp_path / "layer"
+    assert main(["--malloc", "default", "bench", "layer", *FAST, *LAYER_FAST, "--impl", "activepath",
+                 "--no-roofline", "--out", str(out)]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["command"].startswith("activepath --malloc default bench layer ")
+    assert doc["environment"]["allocator"] == "default (--malloc default)"
+    assert "- allocator: default (--malloc default)" in out.with_suffix(".md").read_text()
 
 
 def test_layer_compares_experts_backends_by_name(tmp_path):

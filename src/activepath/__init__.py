@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .adapters import OptimizeOptions, supported_model_types
+from .allocator import AllocatorConfig, AllocatorState, tune_allocator
 from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
 from .experts import (
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationConfig",
+    "AllocatorConfig",
+    "AllocatorState",
     "DispatchPlan",
     "ExpertWeights",
     "MoEStats",
@@ -43,4 +46,5 @@ __all__ = [
     "register_backend",
     "route",
     "supported_model_types",
+    "tune_allocator",
 ]

@@ -97,6 +97,8 @@ def _run(args: argparse.Namespace, kind: str, parser: argparse.ArgumentParser) -
     torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype]
     env = environment(args.device, None if args.llc_mib is None else int(args.llc_mib * 2**20))
+    allocator = getattr(args, "allocator", None)  # set by the activepath command, absent when called otherwise
+    env["allocator"] = "unknown (not run by the activepath command)" if allocator is None else allocator.describe()
     roofline = _roofline(args, dtype, env)
     layer = _layer(args, dtype, env, roofline) if kind in ("layer", "all") else None
     gc.collect()
@@ -199,7 +201,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 def canonical_command(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str) -> str:
     """The exact command, every option spelled out (defaults included), to rerun this."""
-    words = ["activepath", "bench", kind]
+    words = ["activepath"] + (["--malloc", args.malloc] if getattr(args, "malloc", "tuned") != "tuned" else [])
+    words += ["bench", kind]
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help",):
             continue

@@ -80,8 +80,7 @@ def _environment_md(env: dict[str, Any]) -> list[str]:
         f"- last-level cache: {_mib(llc)} ({env.get('llc_source')}) · load average (1 min) at start: "
         f"{_num(env.get('load_avg_1m_at_start'), 2)}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        "",
-    ]
+    ] + ([f"- allocator: {env['allocator']}"] if env.get("allocator") else []) + [""]
 
 
 def _roofline_md(r: dict[str, Any] | None, end_GBps: float | None = None) -> list[str]:

@@ -1,0 +1,100 @@
+"""``tune_allocator``: freed activations are reused instead of faulting in fresh pages.
+
+The effect is checked in child processes, so that the thresholds under test are the only
+allocator settings in play (the test process itself may be tuned already by CLI tests)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from activepath.allocator import MAX_MMAP_THRESHOLD_BYTES, AllocatorConfig, AllocatorState, tune_allocator
+
+glibc_only = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's"
+)
+
+# What attention does at every layer of a 128-token prefill: a projection's output and the
+# product made from it (2 MiB each), then both freed. 16 rounds (the heap settles in the
+# first few); the faults of the last 8 are printed.
+_CHILD = """
+import json, resource, sys, torch
+from activepath.allocator import AllocatorConfig, tune_allocator
+state = tune_allocator(AllocatorConfig(mmap_threshold_bytes=int(sys.argv[1])))
+faults = []
+for _ in range(16):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = torch.ones(128, 4096)
+    z = y * 2.0
+    del y, z
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"tuned": state.tuned, "faults": sum(faults[8:])}))
+"""
+_PAGES_PER_ROUND = 2 * (2 << 20) // 4096
+
+
+def _child(mmap_threshold: int) -> dict:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(mmap_threshold)], capture_output=True, text=True,
+                          timeout=120, check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_tuned_heap_reuses_freed_activations():
+    tuned = _child(MAX_MMAP_THRESHOLD_BYTES)
+    assert tuned["tuned"] is True
+    # Without reuse, 8 rounds x 1024 pages would fault; a few stray pages are allowed.
+    assert tuned["faults"] < 0.1 * 8 * _PAGES_PER_ROUND, tuned
+
+
+@glibc_only
+def test_a_threshold_below_the_activations_maps_them_afresh_every_time():
+    """The same rounds with a 1 MiB threshold: every 2 MiB activation is a new mapping whose
+    pages fault in again. That is the cost tune_allocator removes, and it shows that the
+    check above can fail."""
+    low = _child(1 << 20)
+    assert low["tuned"] is True
+    assert low["faults"] > 0.9 * 8 * _PAGES_PER_ROUND, low
+
+
+def test_another_preloaded_allocator_is_left_alone(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    state = tune_allocator()
+    assert state == AllocatorState(False, "jemalloc is preloaded")
+    assert state.describe() == "default (jemalloc is preloaded)"
+
+
+@glibc_only
+def test_tuned_state_describes_its_thresholds():
+    state = tune_allocator()  # the CLI's defaults; harmless in the test process
+    assert state.tuned and state.config == AllocatorConfig()
+    assert state.describe() == "glibc malloc tuned: mmap threshold 32 MiB, trim threshold 256 MiB"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mmap_threshold_bytes": 0}, "mmap_threshold_bytes must be a positive int, got 0"),
+        ({"mmap_threshold_bytes": MAX_MMAP_THRESHOLD_BYTES + 1}, "at most 33554432"),
+        ({"trim_threshold_bytes": -5}, "trim_threshold_bytes must be a positive int, got -5"),
+        ({"trim_threshold_bytes": 1 << 31}, "must fit a C int"),
+        ({"mmap_threshold_bytes": True}, "got True"),
+        ({"trim_threshold_bytes": 1.5}, "got 1.5"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AllocatorConfig(**kwargs)
+
+
+def test_config_is_keyword_only_and_tune_checks_its_argument():
+    with pytest.raises(TypeError):
+        AllocatorConfig(1 << 20)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="config must be an AllocatorConfig, got dict"):
+        tune_allocator({"mmap_threshold_bytes": 1 << 20})  # type: ignore[arg-type]

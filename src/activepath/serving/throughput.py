@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..allocator import AllocatorState, tune_allocator
 from .loadtest import PROMPTS
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     baseline = rows["transformers generate, one at a time"]
     return {
         "command": "python -m activepath.serving.throughput " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "environment": {**versions(), "cpu": cpu_model(), "threads": torch.get_num_threads()},
+        "environment": {**versions(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+                        "allocator": _allocator(args)},
         "model": str(args.model), "streams": args.streams, "max_tokens": args.max_tokens, "exact": args.exact,
         "tokens": total,
         "rows": [{"what": k, "seconds": v, "tokens_per_s": total / v, "speedup_vs_generate": baseline / v}
@@ -146,6 +148,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _allocator(args: argparse.Namespace) -> str:
+    state = getattr(args, "allocator", None)  # set by main(); absent when run() is called directly
+    return "unknown (run() called directly)" if state is None else state.describe()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m activepath.serving.throughput")
     p.add_argument("--model", default="tiny")
@@ -155,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact", action="store_true")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="write OUT.json and OUT.md")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="as the activepath command's --malloc (both implementations run under it)")
     args = p.parse_args(argv)
+    args.allocator = tune_allocator() if args.malloc == "tuned" else AllocatorState(False, "--malloc default")
     logging.basicConfig(level=logging.WARNING)
     doc = run(args)
     markdown = render_markdown(doc)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .adapters import OptimizeOptions, supported_model_types
-from .allocator import AllocatorConfig, AllocatorState, tune_allocator
+from .process import AllocatorConfig, AllocatorState, freeze_loaded_objects, frozen_gc, tune_allocator
 from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
 from .experts import (
@@ -36,6 +36,8 @@ __all__ = [
     "SparseMoE",
     "backend_names",
     "combine",
+    "freeze_loaded_objects",
+    "frozen_gc",
     "fuses_combine",
     "get_backend",
     "is_batch_invariant",

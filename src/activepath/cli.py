@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-from .allocator import AllocatorState, tune_allocator
+from .process import AllocatorState, tune_allocator
 
 # subcommand name → module that defines ``register(subparsers)``
 _SUBCOMMANDS = {

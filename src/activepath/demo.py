@@ -17,6 +17,7 @@ from .bench.timing import percentile
 from .integrate import load, moe_layers
 from .layer import MoEStats
 from .models import embedded_path
+from .process import frozen_gc
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _greedy(m, prompt_1P, 4)
     stats: list[list[MoEStats]] = []
     runs = {"transformers": [], "activepath": []}
-    with _StatsTap(model, stats):
+    with _StatsTap(model, stats), frozen_gc():
         for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
             runs["transformers"].append(_greedy(reference, prompt_1P, args.new_tokens))
             runs["activepath"].append(_greedy(model, prompt_1P, args.new_tokens))

@@ -24,6 +24,7 @@ from torch import nn
 from .._common import check_choice, check_positive_int
 from ..integrate import moe_layers, optimize
 from ..linears import Int8Linear, unpatch_linears
+from ..process import frozen_gc
 from .arith import ExpertLoad, distinct_experts, expert_load, percent_of
 from .breakdown import TimeBreakdown, mean_breakdown, measure_breakdown
 from .build import moe_blocks
@@ -178,7 +179,8 @@ def run_generate_bench(
             with _prepared(model, impl, default_impl, config.backend, mbytes) as (tap, label_, bytes_):
                 resolved[impl], step_bytes[impl] = label_, bytes_
                 _generate(model, warm_prompt, 2, tap, clock, meter, bytes_, _Trace())
-                _generate(model, prompt, config.new, tap, clock, meter, bytes_, traces[impl], bar)
+                with frozen_gc():  # as `activepath serve` after loading: no full GC pass over the model mid-step
+                    _generate(model, prompt, config.new, tap, clock, meter, bytes_, traces[impl], bar)
                 if config.breakdown:  # after the timed generation, so that carries no hooks
                     breakdowns[impl].append(measure_breakdown(model, _moe_modules(model, impl), prompt, config.new, clock))
     rows: list[GenerateRow] = []
@@ -412,7 +414,9 @@ def _method_text(config: GenerateConfig) -> str:
         f"greedy decoding, batch {config.batch}, prompt {config.prompt} random tokens, {config.new} new tokens "
         f"(1 from prefill + {config.new - 1} decode steps); {config.repeats} generation(s) on distinct seeded "
         "prompts shared by all impls, run round-robin (prompt 1 on every impl, then prompt 2, ...), each "
-        "preceded by a 2-token warm-up generation that is excluded. Decode bytes per step: "
+        "preceded by a 2-token warm-up generation that is excluded. Python's cyclic GC: the objects alive before "
+        "each timed generation are frozen during it (gc.freeze, as activepath serve does after loading), so no "
+        "full collection walks the loaded model mid-step. Decode bytes per step: "
         "non-expert weights (embedding rows only) + distinct routed experts touched per layer + KV cache. Expert "
         "utilisation: tokens per expert summed over prefill and decode of the timed generations. activepath runs "
         "with collect_stats on (a few timer calls per layer); hf-* have forward pre-hooks that keep a reference "

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..process import frozen_gc
+
 
 @dataclass(frozen=True, kw_only=True)
 class Summary:
@@ -94,15 +96,16 @@ def time_calls(
     samples: list[float] = []
     spent = 0.0
     i = plan.warmup
-    while len(samples) < plan.iters and (len(samples) < plan.min_iters or spent < plan.budget_s):
-        start = clock.now()
-        call(i)
-        elapsed = clock.now() - start
-        samples.append(elapsed)
-        spent += elapsed
-        if on_sample is not None:
-            on_sample(i, elapsed)
-        i += 1
+    with frozen_gc():  # no full GC pass over the loaded model inside a timed call, as in `activepath serve`
+        while len(samples) < plan.iters and (len(samples) < plan.min_iters or spent < plan.budget_s):
+            start = clock.now()
+            call(i)
+            elapsed = clock.now() - start
+            samples.append(elapsed)
+            spent += elapsed
+            if on_sample is not None:
+                on_sample(i, elapsed)
+            i += 1
     return samples
 
 

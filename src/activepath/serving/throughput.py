@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..allocator import AllocatorState, tune_allocator
+from ..process import AllocatorState, tune_allocator
 from .loadtest import PROMPTS
 
 log = logging.getLogger(__name__)

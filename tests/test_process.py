@@ -1,4 +1,5 @@
-"""``tune_allocator``: freed activations are reused instead of faulting in fresh pages.
+"""Process-wide settings: ``tune_allocator`` (freed activations are reused instead of faulting
+in fresh pages) and ``frozen_gc`` (full collections skip the loaded objects).
 
 The effect is checked in child processes, so that the thresholds under test are the only
 allocator settings in play (the test process itself may be tuned already by CLI tests)."""
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from activepath.allocator import MAX_MMAP_THRESHOLD_BYTES, AllocatorConfig, AllocatorState, tune_allocator
+from activepath.process import MAX_MMAP_THRESHOLD_BYTES, AllocatorConfig, AllocatorState, frozen_gc, tune_allocator
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's"
@@ -23,7 +24,7 @@ glibc_only = pytest.mark.skipif(
 # first few); the faults of the last 8 are printed.
 _CHILD = """
 import json, resource, sys, torch
-from activepath.allocator import AllocatorConfig, tune_allocator
+from activepath.process import AllocatorConfig, tune_allocator
 state = tune_allocator(AllocatorConfig(mmap_threshold_bytes=int(sys.argv[1])))
 faults = []
 for _ in range(16):
@@ -98,3 +99,49 @@ def test_config_is_keyword_only_and_tune_checks_its_argument():
         AllocatorConfig(1 << 20)  # type: ignore[misc]
     with pytest.raises(TypeError, match="config must be an AllocatorConfig, got dict"):
         tune_allocator({"mmap_threshold_bytes": 1 << 20})  # type: ignore[arg-type]
+
+
+class _Node:
+    """A reference cycle (only the cyclic collector frees it), observable through a weakref."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_frozen_gc_freezes_for_the_block_and_gives_everything_back():
+    import gc
+    import weakref
+
+    assert gc.get_freeze_count() == 0
+    node = _Node()
+    alive = weakref.ref(node)
+    with frozen_gc() as frozen:
+        assert frozen > 0 and gc.get_freeze_count() > 0
+        del node
+        gc.collect()
+        assert alive() is not None  # frozen: no collection looks at it
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert alive() is None  # unfrozen: collected again
+
+
+def test_a_full_collection_skips_frozen_objects():
+    """What frozen_gc buys: a full pass over 200,000 live objects vs over none of them."""
+    import gc
+    import time
+
+    objects = [[i] for i in range(200_000)]  # tracked containers, like a loaded model's
+
+    def full_pass() -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            gc.collect()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    walked = full_pass()
+    with frozen_gc():
+        skipped = full_pass()
+    assert len(objects) == 200_000
+    assert skipped < walked / 5, (skipped, walked)

@@ -125,6 +125,16 @@ def test_frozen_gc_freezes_for_the_block_and_gives_everything_back():
     assert alive() is None  # unfrozen: collected again
 
 
+def test_frozen_gc_leaves_an_existing_freeze_alone():
+    import gc
+
+    with frozen_gc() as outer:
+        with frozen_gc() as inner:
+            assert inner == gc.get_freeze_count()
+        assert gc.get_freeze_count() > 0 and outer > 0  # the inner block did not unfreeze the outer one
+    assert gc.get_freeze_count() == 0
+
+
 def test_a_full_collection_skips_frozen_objects():
     """What frozen_gc buys: a full pass over 200,000 live objects vs over none of them."""
     import gc

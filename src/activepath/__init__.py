@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .adapters import OptimizeOptions, supported_model_types
-from .process import AllocatorConfig, AllocatorState, freeze_loaded_objects, frozen_gc, tune_allocator
 from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
 from .experts import (
@@ -17,6 +16,7 @@ from .experts import (
 )
 from .integrate import load, moe_layers, optimize
 from .layer import MoEStats, SharedExperts, SparseMoE
+from .process import AllocatorConfig, AllocatorState, freeze_loaded_objects, frozen_gc, tune_allocator
 from .routing import Router, RouterConfig, RoutingResult, route
 
 __version__ = "0.1.0"

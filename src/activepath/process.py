@@ -119,7 +119,12 @@ def freeze_loaded_objects() -> int:
 def frozen_gc() -> Iterator[int]:
     """``freeze_loaded_objects`` for the duration of a block (a timed run), then everything
     frozen goes back to the oldest generation, where it can be collected again. Yields the
-    number of frozen objects."""
+    number of frozen objects. If objects are frozen already (an enclosing block, or the
+    program's own ``freeze_loaded_objects``), it leaves the freeze as it is, on entry and
+    on exit."""
+    if gc.get_freeze_count() > 0:
+        yield gc.get_freeze_count()
+        return
     try:
         yield freeze_loaded_objects()
     finally:

@@ -38,8 +38,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from ..capacity import CapacityConfig
     from ..integrate import load
-    from ..process import freeze_loaded_objects
     from ..models import embedded_path
+    from ..process import freeze_loaded_objects
     from .engine import Engine, EngineConfig
     from .metrics import ServingMetrics
     from .scheduler import SchedulerConfig
@@ -65,7 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = served_name(args.model, args.served_model_name)
     app = build_app(engine, tokenizer, served_model=name, metrics=metrics)
     # Loaded once, alive for the server's lifetime: out of every later full GC pass, which would
-    # otherwise walk the whole model (tens of ms) in the middle of a decode step.
+    # otherwise walk the whole model (100+ ms) in the middle of a decode step.
     frozen = freeze_loaded_objects()
     log.info("froze %d loaded objects out of the cyclic garbage collector", frozen)
     log.info("serving %s on http://%s:%d (KV cache %.1f MiB)", name, args.host, args.port,

@@ -322,7 +322,7 @@ def _native_experts(
     _gemm(x32_SH, weights.w_gate_up, small, gate_up_S2I, b_gate_up, panel, scratch)
     # Rows of large experts hold garbage until the loop below; the activation is row-local.
     h_SI = scratch.empty("h", (slots, weights.intermediate_size), torch.float32, device)
-    _activate_into(weights.activation, gate_up_S2I, h_SI)
+    activate_into(weights.activation, gate_up_S2I, h_SI)
     _gemm(h_SI, weights.w_down, small, out_SH, b_down, panel, scratch)
     out_SH = out_SH.to(x_SH.dtype)
     return _run_segments(weights, x_SH, large, out_SH) if large else out_SH
@@ -345,7 +345,7 @@ def _gemm(
     native.grouped_nk_gemm_panel(x_MK, w_ENK, segments, out_MN, bias_EN, scratch=packed)
 
 
-def _activate_into(config: ActivationConfig, gate_up_S2I: torch.Tensor, out_SI: torch.Tensor) -> None:
+def activate_into(config: ActivationConfig, gate_up_S2I: torch.Tensor, out_SI: torch.Tensor) -> None:
     """``out = gated_activation(gate_up)``, clobbering ``gate_up`` (scratch here) so that
     SiLU — every family but GPT-OSS — allocates no temporary. Same values, same bits."""
     if config.kind == "silu" and not config.interleaved:

@@ -17,6 +17,7 @@ from .capacity import CapacityConfig, apply_capacity
 from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
 from .experts import ExpertWeights, fuses_combine, get_backend, is_batch_invariant, uses_workspace
+from . import token_path
 from .routing import Router, RoutingResult
 from .workspace import NO_LEASE, Workspace
 
@@ -65,9 +66,11 @@ class SparseMoE(nn.Module):
     """Routes each token to its top-k experts and runs only those.
 
     Structural parts (router, expert weights, shared experts) are fixed at construction;
-    ``backend``, ``collect_stats``, ``capacity`` (None: dropless) and ``workspace`` (None:
+    ``backend``, ``collect_stats``, ``capacity`` (None: dropless), ``workspace`` (None:
     fresh buffers every call; ``optimize`` gives all layers of a model one shared
-    ``Workspace``) are per-call settings that may change at any time. After a call with
+    ``Workspace``) and ``token_fast_path`` (True: a one-token call takes ``token_path``'s two
+    native calls where they apply, same results) are per-call settings that may change
+    at any time. After a call with
     ``collect_stats=True``, ``last_stats`` holds its ``MoEStats``;
     ``overflow_dropped``/``overflow_rerouted`` count capacity overflows since construction.
     """
@@ -98,6 +101,8 @@ class SparseMoE(nn.Module):
         self.last_stats: MoEStats | None = None
         self.capacity: CapacityConfig | None = None
         self.workspace: Workspace | None = None
+        # One token (decode at batch 1) through token_path's two native calls where it applies.
+        self.token_fast_path = True
         self.register_buffer("overflow_dropped", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("overflow_rerouted", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -118,6 +123,8 @@ class SparseMoE(nn.Module):
         """Like ``forward``, also returning the routing decisions (flattened to [T, K])."""
         self._check_input(x)
         x_TH = x.reshape(-1, x.shape[-1])
+        if self.token_fast_path and token_path.applies(self, x_TH):
+            return self._one_token(x, x_TH)
         clock = _StageClock(x_TH.device) if self.collect_stats else _NO_CLOCK
         routing = self.router(x_TH)
         kept_TK = None
@@ -143,6 +150,16 @@ class SparseMoE(nn.Module):
         if self.collect_stats:
             self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
         return y_TH.view(x.shape), routing
+
+    def _one_token(self, x: torch.Tensor, x_1H: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+        """Decode at batch 1 through ``token_path``: the general path's results, bit for bit."""
+        result = token_path.run(self, x_1H)
+        start = time.perf_counter()
+        y_1H = result.y_1H if self.shared is None else result.y_1H + self._shared(x_1H)
+        if self.collect_stats:
+            self.last_stats = MoEStats(result.counts_E, result.routing_s, result.dispatch_s, result.experts_s,
+                                       result.combine_s, time.perf_counter() - start)  # fmt: skip
+        return y_1H.view(x.shape), result.routing
 
     def _scratch(self, plan: DispatchPlan) -> AbstractContextManager[Workspace | None]:
         if self.workspace is None:

@@ -26,6 +26,7 @@ freeze around their timed calls.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -112,6 +113,10 @@ def freeze_loaded_objects() -> int:
     again while objects come and go (``frozen_gc`` unfreezes when done)."""
     gc.collect()
     gc.freeze()
+    # At exit, frozen objects would never be collected, and libraries that check for leaks
+    # at shutdown (triton's nanobind bindings) would report them all: unfreeze first.
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
     return gc.get_freeze_count()
 
 

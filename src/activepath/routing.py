@@ -126,7 +126,7 @@ def route(
     Ties are broken by ``torch.topk`` on the same fp32 scores the reference models use,
     so choices are a pure function of each token's own row (deterministic, batch-invariant).
     """
-    if _fused_native_router_applies(config, x_TH, weight_EH, bias_E, correction_bias_E):
+    if fused_native_router_applies(config, x_TH, weight_EH, bias_E, correction_bias_E):
         # Inputs checked by the line above: the unchecked entry point.
         topk_ids_TK, weights_TK, logits_TE = native._route_softmax_topk(
             x_TH, weight_EH, bias_E, config.top_k, normalize=config.normalize_topk, scale=config.routed_scaling_factor
@@ -173,7 +173,7 @@ def _plain_softmax_topk(config: RouterConfig, correction_bias_E: torch.Tensor | 
     )
 
 
-def _fused_native_router_applies(
+def fused_native_router_applies(
     config: RouterConfig,
     x_TH: torch.Tensor,
     weight_EH: torch.Tensor,

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -157,6 +158,11 @@ def _declare(lib: ctypes.CDLL) -> None:
                                   i64, i64, ctypes.c_int],
         "ap_plan_dispatch": [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr],
         "ap_combine": [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int],
+        "ap_token_route_gate_up": [ptr, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr, i64, i64, i64,
+                                   ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int,
+                                   ctypes.c_int],
+        "ap_token_down_combine": [ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64,
+                                  ctypes.c_int, ctypes.c_int],
     }
     for name, argtypes in glue.items():
         getattr(lib, name).argtypes = argtypes
@@ -485,3 +491,80 @@ def _combine(
           weights_TK.data_ptr(), int(weights_TK.dtype == torch.bfloat16), order_S.data_ptr(), weights_TK.numel(),
           token_idx_S.data_ptr(), num_tokens, y_TH.data_ptr(), threads)  # fmt: skip
     return y_TH
+
+
+# ---- One token through a whole MoE layer: two calls around the activation ---------------------
+#
+# At decode (one token) the layer's Python around its native calls costs ~300 us per layer
+# on caches the expert weights just flushed: building the plan's segments, gathering the
+# token K times, checks and wrappers (benchmarks/results/issue6_performance.md). These two
+# calls run the same native steps with the same arguments, so the results are the same
+# bits as the general path; only the activation stays in torch between them, so that it is
+# the very op the general path runs. The caller (``layer.SparseMoE``) checks every
+# condition first: fp32 CPU tensors with contiguous rows, no biases on the experts.
+
+
+@dataclass(frozen=True)
+class TokenGateUp:
+    """What ``token_route_gate_up`` returns: the routing (ids/weights [1, K], logits
+    [1, E]), the plan of the K slots (order, token_idx, sorted_ids [K], counts_E [E]),
+    the gate/up rows [K, 2I] in sorted-slot order, and seconds spent in the router, the
+    plan and the GEMM."""
+
+    ids_1K: torch.Tensor
+    weights_1K: torch.Tensor
+    logits_1E: torch.Tensor
+    order_K: torch.Tensor
+    token_idx_K: torch.Tensor
+    sorted_ids_K: torch.Tensor
+    counts_E: torch.Tensor
+    gate_up_K2I: torch.Tensor
+    seconds: tuple[float, float, float]
+
+
+def token_route_gate_up(
+    x_1H: torch.Tensor, w_router_EH: torch.Tensor, b_router_E: torch.Tensor | None, k: int, *, normalize: bool,
+    scale: float, w_gate_up_E2IH: torch.Tensor,
+) -> TokenGateUp:
+    """Router (softmax top-k, as ``route_softmax_topk``), dispatch plan (as
+    ``plan_dispatch``) and the gate/up GEMM of one token's K experts, in one call. Inputs
+    are not checked here (see the section comment)."""
+    hidden = x_1H.shape[1]
+    num_experts, two_i = w_router_EH.shape[0], w_gate_up_E2IH.shape[1]
+    logits_1E = torch.empty(1, num_experts, dtype=torch.float32)
+    ids_1K = torch.empty(1, k, dtype=torch.int64)
+    weights_1K = torch.empty(1, k, dtype=torch.float32)
+    order_K = torch.empty(k, dtype=torch.int64)
+    token_idx_K = torch.empty(k, dtype=torch.int64)
+    sorted_ids_K = torch.empty(k, dtype=torch.int64)
+    counts_E = torch.empty(num_experts, dtype=torch.int64)
+    offsets_E1 = torch.empty(num_experts + 1, dtype=torch.int64)
+    gate_up_K2I = torch.empty(k, two_i, dtype=torch.float32)
+    seconds = (ctypes.c_double * 3)()
+    _call("ap_token_route_gate_up", x_1H.data_ptr(), hidden, w_router_EH.data_ptr(),
+          None if b_router_E is None else b_router_E.data_ptr(), num_experts, k, int(normalize), scale,
+          w_gate_up_E2IH.data_ptr(), w_gate_up_E2IH.stride(0), w_gate_up_E2IH.stride(1), two_i,
+          logits_1E.data_ptr(), ids_1K.data_ptr(), weights_1K.data_ptr(), order_K.data_ptr(), token_idx_K.data_ptr(),
+          sorted_ids_K.data_ptr(), counts_E.data_ptr(), offsets_E1.data_ptr(), gate_up_K2I.data_ptr(), seconds,
+          N_BLOCK, M_BLOCK, _threads_for(4 * w_router_EH.numel()),
+          _threads_for(4 * k * two_i * hidden))  # fmt: skip
+    return TokenGateUp(ids_1K, weights_1K, logits_1E, order_K, token_idx_K, sorted_ids_K, counts_E, gate_up_K2I,
+                       (seconds[0], seconds[1], seconds[2]))  # fmt: skip
+
+
+def token_down_combine(
+    h_KI: torch.Tensor, w_down_EHI: torch.Tensor, gate_up: TokenGateUp
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """The down GEMM of the K slots of ``gate_up``'s plan and the weighted combine, in one
+    call: (y [1, H] fp32, seconds in the GEMM and the combine)."""
+    k, inter = h_KI.shape
+    hidden = w_down_EHI.shape[1]
+    out_KH = torch.empty(k, hidden, dtype=torch.float32)
+    y_1H = torch.empty(1, hidden, dtype=torch.float32)
+    seconds = (ctypes.c_double * 2)()
+    _call("ap_token_down_combine", h_KI.data_ptr(), inter, w_down_EHI.data_ptr(), w_down_EHI.stride(0),
+          w_down_EHI.stride(1), hidden, gate_up.sorted_ids_K.data_ptr(), gate_up.order_K.data_ptr(),
+          gate_up.token_idx_K.data_ptr(), k, gate_up.weights_1K.data_ptr(), out_KH.data_ptr(), y_1H.data_ptr(),
+          seconds, N_BLOCK, M_BLOCK, _threads_for(4 * k * hidden * inter),
+          _threads_for(4 * out_KH.numel()))  # fmt: skip
+    return y_1H, (seconds[0], seconds[1])

@@ -8,6 +8,7 @@
 //
 // Every function works row by row (token by token) with a fixed order, so results do not
 // depend on the batch: the same contract as the GEMM kernels.
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -28,6 +29,22 @@ void select_topk(const float* row, int64_t E, int64_t K, int64_t* ids) {
         for (int64_t j = K - 1; j > pos; --j) ids[j] = ids[j - 1];
         ids[pos] = e;
     }
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// One GEMM segment per slot of a single token's plan: slot j (sorted by expert) is row j,
+// computed by expert sorted_ids[j]. A token's top-k experts are distinct, so one row each.
+std::vector<int64_t> one_row_segments(const int64_t* sorted_ids, int64_t K) {
+    std::vector<int64_t> segments(3 * K);
+    for (int64_t j = 0; j < K; ++j) {
+        segments[3 * j] = sorted_ids[j];
+        segments[3 * j + 1] = j;
+        segments[3 * j + 2] = j + 1;
+    }
+    return segments;
 }
 
 template <typename O, typename Wt>
@@ -152,6 +169,52 @@ int ap_combine(const void* out, int out_bf16, int64_t S, int64_t H, const void* 
                             token_idx, T, y, num_threads)
                   : combine(static_cast<const float*>(out), S, H, static_cast<const float*>(weights), order,
                             token_idx, T, y, num_threads);
+}
+
+// One token through an MoE layer's router, dispatch plan and gate/up projection, in one call:
+// ap_route_softmax_topk, ap_plan_dispatch over its K slots, then the gate/up GEMM with one
+// row per slot. Every slot reads the token's row (ldx = 0), which is what gathering it K
+// times gives: the same calls and the same bits as the general path, minus its Python.
+// seconds[0..2]: router, plan, GEMM.
+int ap_token_route_gate_up(const float* x, int64_t H, const float* w_router, const float* b_router, int64_t E,
+                           int64_t K, int normalize, float scale, const float* w_gate_up, int64_t w_estride,
+                           int64_t ldw, int64_t N, float* logits, int64_t* ids, float* weights, int64_t* order,
+                           int64_t* token_idx, int64_t* sorted_ids, int64_t* counts, int64_t* offsets,
+                           float* gate_up, double* seconds, int64_t n_block, int64_t m_block, int router_threads,
+                           int gemm_threads) {
+    auto start = std::chrono::steady_clock::now();
+    int rc = ap_route_softmax_topk(x, 1, H, w_router, b_router, E, K, normalize, scale, logits, ids, weights,
+                                   n_block, m_block, router_threads);
+    if (rc != 0) return rc;
+    seconds[0] = seconds_since(start);
+    start = std::chrono::steady_clock::now();
+    rc = ap_plan_dispatch(ids, K, K, E, order, token_idx, sorted_ids, counts, offsets);
+    if (rc != 0) return 10 + rc;
+    seconds[1] = seconds_since(start);
+    start = std::chrono::steady_clock::now();
+    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
+    rc = ap_grouped_nk_gemm(x, 0, w_gate_up, w_estride, ldw, nullptr, 0, gate_up, N, N, H, segments.data(), K,
+                            n_block, m_block, gemm_threads);
+    seconds[2] = seconds_since(start);
+    return rc != 0 ? 20 + rc : 0;
+}
+
+// The rest of the token's layer after the activation: the down GEMM (one row per slot, as
+// above) into out [K, H], then ap_combine into y [H]. seconds[0..1]: GEMM, combine.
+int ap_token_down_combine(const float* h, int64_t I, const float* w_down, int64_t w_estride, int64_t ldw,
+                          int64_t H, const int64_t* sorted_ids, const int64_t* order, const int64_t* token_idx,
+                          int64_t K, const float* weights, float* out, float* y, double* seconds, int64_t n_block,
+                          int64_t m_block, int gemm_threads, int combine_threads) {
+    auto start = std::chrono::steady_clock::now();
+    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
+    int rc = ap_grouped_nk_gemm(h, I, w_down, w_estride, ldw, nullptr, 0, out, H, H, I, segments.data(), K,
+                                n_block, m_block, gemm_threads);
+    if (rc != 0) return rc;
+    seconds[0] = seconds_since(start);
+    start = std::chrono::steady_clock::now();
+    rc = ap_combine(out, 0, K, H, weights, 0, order, K, token_idx, 1, y, combine_threads);
+    seconds[1] = seconds_since(start);
+    return rc != 0 ? 10 + rc : 0;
 }
 
 }  // extern "C"

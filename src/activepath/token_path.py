@@ -1,0 +1,95 @@
+# [route → dispatch → experts → combine] for one token, in two native calls
+"""The one-token path of ``SparseMoE``: decode at batch 1.
+
+At one token a layer's experts stream ~150 MB of weights, which flushes every cache, and
+the Python between the native calls then costs ~300 us per layer (segments built from
+the counts, the token gathered K times, checks, wrappers; measured piece by piece in
+benchmarks/results/issue6_performance.md). Here the router, the plan and the gate/up GEMM
+are one native call, the down GEMM and the combine another, with the activation between
+them in torch. The native steps and their arguments are those of the general path
+(``grouped`` and ``native`` both run a token's experts in the dot kernel), and the
+activation is the same function, so the results are the same bits: the general path at
+one token is what the tests compare it with.
+
+Shape legend: H hidden, E experts, K experts per token, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import native
+from .experts import ExpertWeights, activate_into
+from .routing import Router, RoutingResult, fused_native_router_applies
+
+if TYPE_CHECKING:
+    from .layer import SparseMoE
+
+# Backends whose one-token path is the native dot kernel for every expert.
+BACKENDS = ("grouped", "native")
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    """One token through the layer: y [1, H] fp32, its routing, its per-expert slot
+    counts [E] and the seconds of each stage (Python around a native call is counted in
+    the stage that makes the call)."""
+
+    y_1H: torch.Tensor
+    routing: RoutingResult
+    counts_E: torch.Tensor
+    routing_s: float
+    dispatch_s: float
+    experts_s: float
+    combine_s: float
+
+
+def applies(layer: SparseMoE, x_TH: torch.Tensor) -> bool:
+    """Whether ``run`` computes what the general path would, the same way: one fp32 CPU
+    token, no capacity stage, a dot-kernel backend, plain fp32 expert weights without
+    biases (not GPT-OSS's transposed ones, not int8), and activepath's own router, where
+    the fused native one applies."""
+    experts, router = layer.experts, layer.router
+    return (
+        x_TH.shape[0] == 1
+        and layer.capacity is None
+        and layer.backend in BACKENDS
+        and type(router) is Router  # not a wrapper (the serving runner's row-wise router)
+        and type(experts) is ExpertWeights
+        and not experts.transposed
+        and experts.b_gate_up is None and experts.b_down is None
+        and experts.w_gate_up.dtype == experts.w_down.dtype == torch.float32
+        and fused_native_router_applies(router.config, x_TH, router.weight, router.bias, router.correction_bias)
+        and native.supports_weight(experts.w_gate_up) and native.supports_weight(experts.w_down)
+    )  # fmt: skip
+
+
+def run(layer: SparseMoE, x_1H: torch.Tensor) -> TokenResult:
+    """The token's layer output, where ``applies`` holds (not checked again here)."""
+    experts, router = layer.experts, layer.router
+    config = router.config
+    start = time.perf_counter()
+    gate_up = native.token_route_gate_up(
+        x_1H, router.weight, router.bias, config.top_k, normalize=config.normalize_topk,
+        scale=config.routed_scaling_factor, w_gate_up_E2IH=experts.w_gate_up,
+    )  # fmt: skip
+    routed = time.perf_counter()
+    h_KI = torch.empty(config.top_k, experts.intermediate_size, dtype=torch.float32)
+    activate_into(experts.activation, gate_up.gate_up_K2I, h_KI)
+    activated = time.perf_counter()
+    y_1H, (down_s, combine_s) = native.token_down_combine(h_KI, experts.w_down, gate_up)
+    done = time.perf_counter()
+    router_s, plan_s, gate_up_s = gate_up.seconds
+    return TokenResult(
+        y_1H=y_1H,
+        routing=RoutingResult(gate_up.ids_1K, gate_up.weights_1K, gate_up.logits_1E),
+        counts_E=gate_up.counts_E,
+        routing_s=(routed - start) - plan_s - gate_up_s,
+        dispatch_s=plan_s,
+        experts_s=gate_up_s + (activated - routed) + down_s,
+        combine_s=(done - activated) - down_s,
+    )

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
              "| token_fast_path | decode steps | median ms | p95 ms | per-round medians ms |", "|---|---:|---:|---:|---|"]
     for k in ("on", "off"):
         rounds = " / ".join(f"{v * 1e3:.2f}" for v in by_round[k])
-        lines.append(f"| {k} | {summary[k].n} | **{summary[k].median_s * 1e3:.2f}** | {summary[k].p95_s * 1e3:.2f} | {rounds} |")
+        median_ms, p95_ms = summary[k].median_s * 1e3, summary[k].p95_s * 1e3
+        lines.append(f"| {k} | {summary[k].n} | **{median_ms:.2f}** | {p95_ms:.2f} | {rounds} |")
     wins = sum(a < b for a, b in zip(by_round["on"], by_round["off"]))
     lines += ["", f"Per round, on was faster in {wins} of {args.rounds}. "
               f"Median ratio off/on: {summary['off'].median_s / summary['on'].median_s:.3f}. "
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        doc = {"command": command.strip(), "cpu": cpu_model(), "versions": versions(), "allocator": allocator.describe(),
-               "steps_s": steps, "round_medians_s": by_round, "same_tokens": agree}
+        doc = {"command": command.strip(), "cpu": cpu_model(), "versions": versions(),
+               "allocator": allocator.describe(), "steps_s": steps, "round_medians_s": by_round, "same_tokens": agree}
         Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1) + "\n")
         Path(f"{args.out}.md").write_text(text)
     return 0

@@ -63,8 +63,9 @@ def test_many_experts_and_leading_dims(calls: list[int]) -> None:
     gen = torch.Generator().manual_seed(0)
     e, k, h, i = 128, 8, 64, 24
     router = Router(RouterConfig(num_experts=e, top_k=k, normalize_topk=True), torch.randn(e, h, generator=gen))
-    experts = ExpertWeights(torch.randn(e, 2 * i, h, generator=gen) / h**0.5, torch.randn(e, h, i, generator=gen) / i**0.5,
-                            ActivationConfig(kind="silu"))
+    w_gate_up = torch.randn(e, 2 * i, h, generator=gen) / h**0.5
+    w_down = torch.randn(e, h, i, generator=gen) / i**0.5
+    experts = ExpertWeights(w_gate_up, w_down, ActivationConfig(kind="silu"))
     layer = SparseMoE(router, experts)
     for seed in range(8):
         x = torch.randn(1, 1, h, generator=torch.Generator().manual_seed(seed))

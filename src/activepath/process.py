@@ -64,7 +64,9 @@ class AllocatorConfig:
                 f"got {self.mmap_threshold_bytes}"
             )
         if self.trim_threshold_bytes > _C_INT_MAX:
-            raise ValueError(f"trim_threshold_bytes must fit a C int (<= {_C_INT_MAX}), got {self.trim_threshold_bytes}")
+            raise ValueError(
+                f"trim_threshold_bytes must fit a C int (<= {_C_INT_MAX}), got {self.trim_threshold_bytes}"
+            )
 
 
 @dataclass(frozen=True)

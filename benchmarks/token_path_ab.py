@@ -7,7 +7,8 @@ The host's memory bandwidth changes between processes (decode medians of 31 vs 4
 the same code, benchmarks/results/issue6_performance.md), so both settings run in the same
 process: each round runs one greedy generation per setting on the round's prompt, and the
 order alternates between rounds. Model: the Qwen3-30B-A3B shape with 4 layers (vocab 32000,
-fp32, random weights), ``activepath.optimize``; the C allocator tuned and the loaded
+fp32, random weights), ``activepath.optimize`` (``--expert-dtype``/``--dense-dtype`` as its
+``expert_dtype``/``dense_dtype``); the C allocator tuned and the loaded
 objects frozen out of the GC, as the ``activepath`` command does. Reports the median and
 p95 decode step per setting, the per-round medians, and whether the tokens agreed.
 """
@@ -50,13 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/token_path_ab.py")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--new", type=int, default=32, help="tokens per generation (1 from prefill + decode steps)")
+    p.add_argument("--expert-dtype", choices=("native", "int8"), default="native")
+    p.add_argument("--dense-dtype", choices=("native", "int8"), default="native")
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.new < 2:
         raise SystemExit("--rounds must be >= 1 and --new >= 2")
     torch.set_num_threads(2)
     allocator = activepath.tune_allocator()
-    model = activepath.optimize(build_model(hf_config(get_shape("qwen3-30b-a3b"), layers=4, vocab=32000)))
+    model = activepath.optimize(build_model(hf_config(get_shape("qwen3-30b-a3b"), layers=4, vocab=32000)),
+                                expert_dtype=args.expert_dtype, dense_dtype=args.dense_dtype)
     layers = [layer for _, layer in activepath.moe_layers(model)]
     activepath.freeze_loaded_objects()
     gen = torch.Generator().manual_seed(0)
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/token_path_ab.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {k: summarize(v) for k, v in steps.items()}
     lines = ["# SparseMoE's one-token path on vs off (decode, batch 1, one process)", "", f"`{command.strip()}`", "",
+             f"experts {args.expert_dtype}, dense projections {args.dense_dtype}", "",
              f"{cpu_model()}, torch threads 2, {allocator.describe()}; versions: "
              + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
              "| token_fast_path | decode steps | median ms | p95 ms | per-round medians ms |", "|---|---:|---:|---:|---|"]

@@ -9,6 +9,8 @@ import torch
 import activepath
 from activepath import ActivationConfig, ExpertWeights, Router, RouterConfig, SparseMoE, native
 from activepath.capacity import CapacityConfig
+from activepath.native import int8 as native_int8
+from activepath.quantize import Int8ExpertWeights
 from families import tiny_model
 from test_layer import H, make_layer
 
@@ -56,6 +58,34 @@ def test_one_token_is_the_general_path_bit_for_bit(backend: str, act: str, share
         x = torch.randn(1, H, generator=torch.Generator().manual_seed(seed))
         _assert_same(*_both_ways(layer, x))
     assert len(calls) == 4
+
+
+@pytest.fixture
+def int8_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the int8 one-token path's native calls."""
+    taken: list[int] = []
+    real = native_int8.token_route_gate_up_i8
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        taken.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native_int8, "token_route_gate_up_i8", counted)
+    return taken
+
+
+@pytest.mark.parametrize("backend", ["grouped", "native"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gpt_oss"])
+def test_int8_experts_too(backend: str, act: str, int8_calls: list[int]) -> None:
+    """Int8 experts (GPT-OSS's with biases and interleaved gate/up included): the general
+    path's bits."""
+    layer = make_layer(act=act, seed=7)
+    layer.experts = Int8ExpertWeights.from_weights(layer.experts)
+    layer.backend = backend
+    for seed in range(4):
+        x = torch.randn(1, H, generator=torch.Generator().manual_seed(seed))
+        _assert_same(*_both_ways(layer, x))
+    assert len(int8_calls) == 4
 
 
 def test_many_experts_and_leading_dims(calls: list[int]) -> None:
@@ -124,10 +154,12 @@ def test_what_the_one_token_path_does_not_cover(case: str, calls: list[int]) -> 
     _skipped(layer, torch.randn(1, H, dtype=layer.experts.dtype), calls)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
-def test_greedy_decoding_in_real_models_is_unchanged(family: str, calls: list[int]) -> None:
+@pytest.mark.parametrize("family, expert_dtype", [("qwen3_moe", "native"), ("mixtral", "native"),
+                                                  ("olmoe", "native"), ("qwen2_moe", "native"), ("qwen3_moe", "int8")])
+def test_greedy_decoding_in_real_models_is_unchanged(family: str, expert_dtype: str, calls: list[int],
+                                                     int8_calls: list[int]) -> None:
     """Prefill, then 6 one-token decode steps, with and without the path: the same logits."""
-    model = activepath.optimize(tiny_model(family, seed=1))
+    model = activepath.optimize(tiny_model(family, seed=1), expert_dtype=expert_dtype)
     layers = [layer for _, layer in activepath.moe_layers(model)]
     prompt = torch.randint(3, 160, (1, 9), generator=torch.Generator().manual_seed(0))
     runs = []
@@ -140,4 +172,5 @@ def test_greedy_decoding_in_real_models_is_unchanged(family: str, calls: list[in
         runs.append(out)
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
-    assert len(calls) == 5 * len(layers)  # every decode step after the prefill, in every MoE layer
+    # every decode step after the prefill, in every MoE layer
+    assert len(calls if expert_dtype == "native" else int8_calls) == 5 * len(layers)

@@ -7,9 +7,9 @@ the counts, the token gathered K times, checks, wrappers; measured piece by piec
 benchmarks/results/issue6_performance.md). Here the router, the plan and the gate/up GEMM
 are one native call, the down GEMM and the combine another, with the activation between
 them in torch. The native steps and their arguments are those of the general path
-(``grouped`` and ``native`` both run a token's experts in the dot kernel), and the
-activation is the same function, so the results are the same bits: the general path at
-one token is what the tests compare it with.
+(``grouped`` and ``native`` both run a token's experts in the dot kernel, fp32 or int8),
+and the activation is the same function, so the results are the same bits: the general
+path at one token is what the tests compare it with.
 
 Shape legend: H hidden, E experts, K experts per token, I expert intermediate.
 """
@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import native
-from .experts import ExpertWeights, activate_into
+from .experts import ExpertWeights, activate_into, gated_activation
+from .native import int8 as native_int8
+from .quantize import Int8ExpertWeights
 from .routing import Router, RoutingResult, fused_native_router_applies
 
 if TYPE_CHECKING:
@@ -50,20 +52,28 @@ class TokenResult:
 
 def applies(layer: SparseMoE, x_TH: torch.Tensor) -> bool:
     """Whether ``run`` computes what the general path would, the same way: one fp32 CPU
-    token, no capacity stage, a dot-kernel backend, plain fp32 expert weights without
-    biases (not GPT-OSS's transposed ones, not int8), and activepath's own router, where
-    the fused native one applies."""
-    experts, router = layer.experts, layer.router
+    token, no capacity stage, a dot-kernel backend, activepath's own router where the fused
+    native one applies, and experts the native kernels take in place: plain fp32 weights
+    without biases (not GPT-OSS's transposed ones), or int8 ones (``Int8ExpertWeights``)."""
+    router = layer.router
     return (
         x_TH.shape[0] == 1
         and layer.capacity is None
         and layer.backend in BACKENDS
         and type(router) is Router  # not a wrapper (the serving runner's row-wise router)
-        and type(experts) is ExpertWeights
+        and _experts_fit(layer.experts)
+        and fused_native_router_applies(router.config, x_TH, router.weight, router.bias, router.correction_bias)
+    )  # fmt: skip
+
+
+def _experts_fit(experts: object) -> bool:
+    if type(experts) is Int8ExpertWeights:
+        return experts.q_gate_up.device.type == "cpu"
+    return (
+        type(experts) is ExpertWeights
         and not experts.transposed
         and experts.b_gate_up is None and experts.b_down is None
         and experts.w_gate_up.dtype == experts.w_down.dtype == torch.float32
-        and fused_native_router_applies(router.config, x_TH, router.weight, router.bias, router.correction_bias)
         and native.supports_weight(experts.w_gate_up) and native.supports_weight(experts.w_down)
     )  # fmt: skip
 
@@ -72,18 +82,27 @@ def run(layer: SparseMoE, x_1H: torch.Tensor) -> TokenResult:
     """The token's layer output, where ``applies`` holds (not checked again here)."""
     experts, router = layer.experts, layer.router
     config = router.config
+    route = (x_1H, router.weight, router.bias, config.top_k)
+    options = {"normalize": config.normalize_topk, "scale": config.routed_scaling_factor}
     start = time.perf_counter()
-    gate_up = native.token_route_gate_up(
-        x_1H, router.weight, router.bias, config.top_k, normalize=config.normalize_topk,
-        scale=config.routed_scaling_factor, w_gate_up_E2IH=experts.w_gate_up,
-    )  # fmt: skip
-    routed = time.perf_counter()
-    h_KI = torch.empty(config.top_k, experts.intermediate_size, dtype=torch.float32)
-    activate_into(experts.activation, gate_up.gate_up_K2I, h_KI)
-    activated = time.perf_counter()
-    y_1H, (down_s, combine_s) = native.token_down_combine(h_KI, experts.w_down, gate_up)
+    if type(experts) is Int8ExpertWeights:
+        # The activation as Int8ExpertWeights.run_segments computes it.
+        gate_up = native_int8.token_route_gate_up_i8(*route, **options, q_E2IH=experts.q_gate_up,
+                                                     scale_E2I=experts.scale_gate_up, bias_E2I=experts.bias_gate_up)
+        routed = time.perf_counter()
+        h_KI = gated_activation(experts.activation, gate_up.gate_up_K2I).contiguous()
+        activated = time.perf_counter()
+        y_1H, (down_s, combine_s) = native_int8.token_down_combine_i8(h_KI, experts.q_down, experts.scale_down,
+                                                                       experts.bias_down, gate_up)
+    else:
+        gate_up = native.token_route_gate_up(*route, **options, w_gate_up_E2IH=experts.w_gate_up)
+        routed = time.perf_counter()
+        h_KI = torch.empty(config.top_k, experts.intermediate_size, dtype=torch.float32)
+        activate_into(experts.activation, gate_up.gate_up_K2I, h_KI)
+        activated = time.perf_counter()
+        y_1H, (down_s, combine_s) = native.token_down_combine(h_KI, experts.w_down, gate_up)
     done = time.perf_counter()
-    router_s, plan_s, gate_up_s = gate_up.seconds
+    _router_s, plan_s, gate_up_s = gate_up.seconds
     return TokenResult(
         y_1H=y_1H,
         routing=RoutingResult(gate_up.ids_1K, gate_up.weights_1K, gate_up.logits_1E),

@@ -163,6 +163,11 @@ def _declare(lib: ctypes.CDLL) -> None:
                                    ctypes.c_int],
         "ap_token_down_combine": [ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64,
                                   ctypes.c_int, ctypes.c_int],
+        "ap_token_route_gate_up_i8": [ptr, i64, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr, i64, i64,
+                                      ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                      i64, i64, i64, i64, ctypes.c_int, ctypes.c_int],
+        "ap_token_down_combine_i8": [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr,
+                                     ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int],
     }
     for name, argtypes in glue.items():
         getattr(lib, name).argtypes = argtypes
@@ -529,27 +534,47 @@ def token_route_gate_up(
     """Router (softmax top-k, as ``route_softmax_topk``), dispatch plan (as
     ``plan_dispatch``) and the gate/up GEMM of one token's K experts, in one call. Inputs
     are not checked here (see the section comment)."""
-    hidden = x_1H.shape[1]
-    num_experts, two_i = w_router_EH.shape[0], w_gate_up_E2IH.shape[1]
-    logits_1E = torch.empty(1, num_experts, dtype=torch.float32)
-    ids_1K = torch.empty(1, k, dtype=torch.int64)
-    weights_1K = torch.empty(1, k, dtype=torch.float32)
-    order_K = torch.empty(k, dtype=torch.int64)
-    token_idx_K = torch.empty(k, dtype=torch.int64)
-    sorted_ids_K = torch.empty(k, dtype=torch.int64)
-    counts_E = torch.empty(num_experts, dtype=torch.int64)
-    offsets_E1 = torch.empty(num_experts + 1, dtype=torch.int64)
-    gate_up_K2I = torch.empty(k, two_i, dtype=torch.float32)
-    seconds = (ctypes.c_double * 3)()
-    _call("ap_token_route_gate_up", x_1H.data_ptr(), hidden, w_router_EH.data_ptr(),
-          None if b_router_E is None else b_router_E.data_ptr(), num_experts, k, int(normalize), scale,
+    two_i = w_gate_up_E2IH.shape[1]
+    out = _token_outputs(w_router_EH.shape[0], k, two_i)
+    _call("ap_token_route_gate_up", *_route_args(x_1H, w_router_EH, b_router_E, k, normalize, scale),
           w_gate_up_E2IH.data_ptr(), w_gate_up_E2IH.stride(0), w_gate_up_E2IH.stride(1), two_i,
-          logits_1E.data_ptr(), ids_1K.data_ptr(), weights_1K.data_ptr(), order_K.data_ptr(), token_idx_K.data_ptr(),
-          sorted_ids_K.data_ptr(), counts_E.data_ptr(), offsets_E1.data_ptr(), gate_up_K2I.data_ptr(), seconds,
-          N_BLOCK, M_BLOCK, _threads_for(4 * w_router_EH.numel()),
-          _threads_for(4 * k * two_i * hidden))  # fmt: skip
-    return TokenGateUp(ids_1K, weights_1K, logits_1E, order_K, token_idx_K, sorted_ids_K, counts_E, gate_up_K2I,
-                       (seconds[0], seconds[1], seconds[2]))  # fmt: skip
+          *_token_pointers(out), N_BLOCK, M_BLOCK, _threads_for(4 * w_router_EH.numel()),
+          _threads_for(4 * k * two_i * x_1H.shape[1]))  # fmt: skip
+    return _token_gate_up(out)
+
+
+def _token_outputs(num_experts: int, k: int, two_i: int) -> tuple:
+    """Fresh outputs of a token_route_gate_up call (fresh, not reused: callers keep the
+    routing and the counts), in the order of ``TokenGateUp``, then offsets [E + 1] and the
+    seconds."""
+    return (
+        torch.empty(1, k, dtype=torch.int64), torch.empty(1, k, dtype=torch.float32),
+        torch.empty(1, num_experts, dtype=torch.float32), torch.empty(k, dtype=torch.int64),
+        torch.empty(k, dtype=torch.int64), torch.empty(k, dtype=torch.int64),
+        torch.empty(num_experts, dtype=torch.int64), torch.empty(k, two_i, dtype=torch.float32),
+        torch.empty(num_experts + 1, dtype=torch.int64), (ctypes.c_double * 3)(),
+    )  # fmt: skip
+
+
+def _route_args(
+    x_1H: torch.Tensor, w_router_EH: torch.Tensor, b_router_E: torch.Tensor | None, k: int, normalize: bool,
+    scale: float,
+) -> tuple:
+    return (x_1H.data_ptr(), x_1H.shape[1], w_router_EH.data_ptr(),
+            None if b_router_E is None else b_router_E.data_ptr(), w_router_EH.shape[0], k, int(normalize), scale)
+
+
+def _token_pointers(out: tuple) -> tuple:
+    """The output pointers in the C functions' order: logits, ids, weights, order, token_idx,
+    sorted_ids, counts, offsets, gate_up, seconds."""
+    ids, weights, logits, order, token_idx, sorted_ids, counts, gate_up, offsets, seconds = out
+    return (logits.data_ptr(), ids.data_ptr(), weights.data_ptr(), order.data_ptr(), token_idx.data_ptr(),
+            sorted_ids.data_ptr(), counts.data_ptr(), offsets.data_ptr(), gate_up.data_ptr(), seconds)
+
+
+def _token_gate_up(out: tuple) -> TokenGateUp:
+    *tensors, _offsets, seconds = out
+    return TokenGateUp(*tensors, seconds=(seconds[0], seconds[1], seconds[2]))
 
 
 def token_down_combine(
@@ -563,8 +588,11 @@ def token_down_combine(
     y_1H = torch.empty(1, hidden, dtype=torch.float32)
     seconds = (ctypes.c_double * 2)()
     _call("ap_token_down_combine", h_KI.data_ptr(), inter, w_down_EHI.data_ptr(), w_down_EHI.stride(0),
-          w_down_EHI.stride(1), hidden, gate_up.sorted_ids_K.data_ptr(), gate_up.order_K.data_ptr(),
-          gate_up.token_idx_K.data_ptr(), k, gate_up.weights_1K.data_ptr(), out_KH.data_ptr(), y_1H.data_ptr(),
-          seconds, N_BLOCK, M_BLOCK, _threads_for(4 * k * hidden * inter),
+          w_down_EHI.stride(1), hidden, *_plan_pointers(gate_up), k, gate_up.weights_1K.data_ptr(), out_KH.data_ptr(),
+          y_1H.data_ptr(), seconds, N_BLOCK, M_BLOCK, _threads_for(4 * k * hidden * inter),
           _threads_for(4 * out_KH.numel()))  # fmt: skip
     return y_1H, (seconds[0], seconds[1])
+
+
+def _plan_pointers(gate_up: TokenGateUp) -> tuple[int, int, int]:
+    return gate_up.sorted_ids_K.data_ptr(), gate_up.order_K.data_ptr(), gate_up.token_idx_K.data_ptr()

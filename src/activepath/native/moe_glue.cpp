@@ -80,6 +80,10 @@ int ap_grouped_nk_gemm(const float* x, int64_t ldx, const float* w, int64_t w_es
                        const int64_t* segments, int64_t G, int64_t n_block, int64_t m_block, int num_threads);
 int ap_softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, int normalize, float scale,
                     int64_t* ids, float* weights);
+int ap_grouped_nk_gemm_i8(const float* x, int64_t ldx, const int8_t* q, int64_t q_estride, int64_t ldq,
+                          const float* scale, int64_t scale_estride, const float* b, int64_t b_estride, float* y,
+                          int64_t ldy, int64_t N, int64_t K, const int64_t* segments, int64_t G, int64_t n_block,
+                          int64_t m_block, int num_threads);
 
 // The whole softmax router in one call: logits [T, E] = x [T, H] @ w [E, H].T (+ bias), by
 // the small-batch GEMM, then ap_softmax_topk. One call instead of two saves its share of
@@ -171,50 +175,96 @@ int ap_combine(const void* out, int out_bf16, int64_t S, int64_t H, const void* 
                             token_idx, T, y, num_threads);
 }
 
-// One token through an MoE layer's router, dispatch plan and gate/up projection, in one call:
-// ap_route_softmax_topk, ap_plan_dispatch over its K slots, then the gate/up GEMM with one
-// row per slot. Every slot reads the token's row (ldx = 0), which is what gathering it K
-// times gives: the same calls and the same bits as the general path, minus its Python.
-// seconds[0..2]: router, plan, GEMM.
+// One token through an MoE layer: the router and dispatch plan (route_and_plan), the
+// gate/up GEMM with one row per slot, then (after the activation, in the caller) the down
+// GEMM and the combine. Every slot reads the token's row in place (ldx = 0), which is what
+// gathering it K times gives: the same kernels with the same arguments and the same bits as
+// the general path, minus its Python. fp32 and int8 (per-row scales) weights.
+// seconds: [router, plan, gate/up GEMM] and [down GEMM, combine].
+static int route_and_plan(const float* x, int64_t H, const float* w_router, const float* b_router, int64_t E,
+                          int64_t K, int normalize, float scale, float* logits, int64_t* ids, float* weights,
+                          int64_t* order, int64_t* token_idx, int64_t* sorted_ids, int64_t* counts,
+                          int64_t* offsets, double* seconds, int64_t n_block, int64_t m_block, int router_threads) {
+    auto start = std::chrono::steady_clock::now();
+    const int rc = ap_route_softmax_topk(x, 1, H, w_router, b_router, E, K, normalize, scale, logits, ids, weights,
+                                         n_block, m_block, router_threads);
+    if (rc != 0) return rc;
+    seconds[0] = seconds_since(start);
+    start = std::chrono::steady_clock::now();
+    const int plan_rc = ap_plan_dispatch(ids, K, K, E, order, token_idx, sorted_ids, counts, offsets);
+    seconds[1] = seconds_since(start);
+    return plan_rc != 0 ? 10 + plan_rc : 0;
+}
+
+static int combine_token(const float* out, int64_t H, const int64_t* order, const int64_t* token_idx, int64_t K,
+                         const float* weights, float* y, double* seconds, int combine_threads) {
+    const auto start = std::chrono::steady_clock::now();
+    const int rc = ap_combine(out, 0, K, H, weights, 0, order, K, token_idx, 1, y, combine_threads);
+    seconds[1] = seconds_since(start);
+    return rc != 0 ? 30 + rc : 0;
+}
+
 int ap_token_route_gate_up(const float* x, int64_t H, const float* w_router, const float* b_router, int64_t E,
                            int64_t K, int normalize, float scale, const float* w_gate_up, int64_t w_estride,
                            int64_t ldw, int64_t N, float* logits, int64_t* ids, float* weights, int64_t* order,
                            int64_t* token_idx, int64_t* sorted_ids, int64_t* counts, int64_t* offsets,
                            float* gate_up, double* seconds, int64_t n_block, int64_t m_block, int router_threads,
                            int gemm_threads) {
-    auto start = std::chrono::steady_clock::now();
-    int rc = ap_route_softmax_topk(x, 1, H, w_router, b_router, E, K, normalize, scale, logits, ids, weights,
-                                   n_block, m_block, router_threads);
+    const int rc = route_and_plan(x, H, w_router, b_router, E, K, normalize, scale, logits, ids, weights, order,
+                                  token_idx, sorted_ids, counts, offsets, seconds, n_block, m_block, router_threads);
     if (rc != 0) return rc;
-    seconds[0] = seconds_since(start);
-    start = std::chrono::steady_clock::now();
-    rc = ap_plan_dispatch(ids, K, K, E, order, token_idx, sorted_ids, counts, offsets);
-    if (rc != 0) return 10 + rc;
-    seconds[1] = seconds_since(start);
-    start = std::chrono::steady_clock::now();
+    const auto start = std::chrono::steady_clock::now();
     const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
-    rc = ap_grouped_nk_gemm(x, 0, w_gate_up, w_estride, ldw, nullptr, 0, gate_up, N, N, H, segments.data(), K,
-                            n_block, m_block, gemm_threads);
+    const int gemm_rc = ap_grouped_nk_gemm(x, 0, w_gate_up, w_estride, ldw, nullptr, 0, gate_up, N, N, H,
+                                           segments.data(), K, n_block, m_block, gemm_threads);
     seconds[2] = seconds_since(start);
-    return rc != 0 ? 20 + rc : 0;
+    return gemm_rc != 0 ? 20 + gemm_rc : 0;
 }
 
-// The rest of the token's layer after the activation: the down GEMM (one row per slot, as
-// above) into out [K, H], then ap_combine into y [H]. seconds[0..1]: GEMM, combine.
+int ap_token_route_gate_up_i8(const float* x, int64_t H, const float* w_router, const float* b_router, int64_t E,
+                              int64_t K, int normalize, float scale, const int8_t* q_gate_up, int64_t q_estride,
+                              int64_t ldq, const float* q_scale, int64_t scale_estride, const float* bias,
+                              int64_t b_estride, int64_t N, float* logits, int64_t* ids, float* weights,
+                              int64_t* order, int64_t* token_idx, int64_t* sorted_ids, int64_t* counts,
+                              int64_t* offsets, float* gate_up, double* seconds, int64_t n_block, int64_t m_block,
+                              int64_t n_block_i8, int64_t m_block_i8, int router_threads, int gemm_threads) {
+    const int rc = route_and_plan(x, H, w_router, b_router, E, K, normalize, scale, logits, ids, weights, order,
+                                  token_idx, sorted_ids, counts, offsets, seconds, n_block, m_block, router_threads);
+    if (rc != 0) return rc;
+    const auto start = std::chrono::steady_clock::now();
+    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
+    const int gemm_rc = ap_grouped_nk_gemm_i8(x, 0, q_gate_up, q_estride, ldq, q_scale, scale_estride, bias,
+                                              b_estride, gate_up, N, N, H, segments.data(), K, n_block_i8,
+                                              m_block_i8, gemm_threads);
+    seconds[2] = seconds_since(start);
+    return gemm_rc != 0 ? 20 + gemm_rc : 0;
+}
+
 int ap_token_down_combine(const float* h, int64_t I, const float* w_down, int64_t w_estride, int64_t ldw,
                           int64_t H, const int64_t* sorted_ids, const int64_t* order, const int64_t* token_idx,
                           int64_t K, const float* weights, float* out, float* y, double* seconds, int64_t n_block,
                           int64_t m_block, int gemm_threads, int combine_threads) {
-    auto start = std::chrono::steady_clock::now();
+    const auto start = std::chrono::steady_clock::now();
     const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
-    int rc = ap_grouped_nk_gemm(h, I, w_down, w_estride, ldw, nullptr, 0, out, H, H, I, segments.data(), K,
-                                n_block, m_block, gemm_threads);
+    const int rc = ap_grouped_nk_gemm(h, I, w_down, w_estride, ldw, nullptr, 0, out, H, H, I, segments.data(), K,
+                                      n_block, m_block, gemm_threads);
     if (rc != 0) return rc;
     seconds[0] = seconds_since(start);
-    start = std::chrono::steady_clock::now();
-    rc = ap_combine(out, 0, K, H, weights, 0, order, K, token_idx, 1, y, combine_threads);
-    seconds[1] = seconds_since(start);
-    return rc != 0 ? 10 + rc : 0;
+    return combine_token(out, H, order, token_idx, K, weights, y, seconds, combine_threads);
+}
+
+int ap_token_down_combine_i8(const float* h, int64_t I, const int8_t* q_down, int64_t q_estride, int64_t ldq,
+                             const float* q_scale, int64_t scale_estride, const float* bias, int64_t b_estride,
+                             int64_t H, const int64_t* sorted_ids, const int64_t* order, const int64_t* token_idx,
+                             int64_t K, const float* weights, float* out, float* y, double* seconds,
+                             int64_t n_block_i8, int64_t m_block_i8, int gemm_threads, int combine_threads) {
+    const auto start = std::chrono::steady_clock::now();
+    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
+    const int rc = ap_grouped_nk_gemm_i8(h, I, q_down, q_estride, ldq, q_scale, scale_estride, bias, b_estride, out,
+                                         H, H, I, segments.data(), K, n_block_i8, m_block_i8, gemm_threads);
+    if (rc != 0) return rc;
+    seconds[0] = seconds_since(start);
+    return combine_token(out, H, order, token_idx, K, weights, y, seconds, combine_threads);
 }
 
 }  // extern "C"

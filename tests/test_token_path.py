@@ -9,7 +9,7 @@ import torch
 import activepath
 from activepath import ActivationConfig, ExpertWeights, Router, RouterConfig, SparseMoE, native
 from activepath.capacity import CapacityConfig
-from activepath.native import int8 as native_int8
+from activepath.native import token as native_token
 from activepath.quantize import Int8ExpertWeights
 from families import tiny_model
 from test_layer import H, make_layer
@@ -21,13 +21,13 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="the one-token pa
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the one-token path's native calls."""
     taken: list[int] = []
-    real = native.token_route_gate_up
+    real = native_token.token_route_gate_up
 
     def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         taken.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(native, "token_route_gate_up", counted)
+    monkeypatch.setattr(native_token, "token_route_gate_up", counted)
     return taken
 
 
@@ -64,13 +64,13 @@ def test_one_token_is_the_general_path_bit_for_bit(backend: str, act: str, share
 def int8_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the int8 one-token path's native calls."""
     taken: list[int] = []
-    real = native_int8.token_route_gate_up_i8
+    real = native_token.token_route_gate_up_i8
 
     def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         taken.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(native_int8, "token_route_gate_up_i8", counted)
+    monkeypatch.setattr(native_token, "token_route_gate_up_i8", counted)
     return taken
 
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import native
+from .native import token as native_token
 from .experts import ExpertWeights, activate_into, gated_activation
-from .native import int8 as native_int8
 from .quantize import Int8ExpertWeights
 from .routing import Router, RoutingResult, fused_native_router_applies
 
@@ -87,20 +87,20 @@ def run(layer: SparseMoE, x_1H: torch.Tensor) -> TokenResult:
     start = time.perf_counter()
     if type(experts) is Int8ExpertWeights:
         # The activation as Int8ExpertWeights.run_segments computes it.
-        gate_up = native_int8.token_route_gate_up_i8(*route, **options, q_E2IH=experts.q_gate_up,
+        gate_up = native_token.token_route_gate_up_i8(*route, **options, q_E2IH=experts.q_gate_up,
                                                      scale_E2I=experts.scale_gate_up, bias_E2I=experts.bias_gate_up)
         routed = time.perf_counter()
         h_KI = gated_activation(experts.activation, gate_up.gate_up_K2I).contiguous()
         activated = time.perf_counter()
-        y_1H, (down_s, combine_s) = native_int8.token_down_combine_i8(h_KI, experts.q_down, experts.scale_down,
+        y_1H, (down_s, combine_s) = native_token.token_down_combine_i8(h_KI, experts.q_down, experts.scale_down,
                                                                        experts.bias_down, gate_up)
     else:
-        gate_up = native.token_route_gate_up(*route, **options, w_gate_up_E2IH=experts.w_gate_up)
+        gate_up = native_token.token_route_gate_up(*route, **options, w_gate_up_E2IH=experts.w_gate_up)
         routed = time.perf_counter()
         h_KI = torch.empty(config.top_k, experts.intermediate_size, dtype=torch.float32)
         activate_into(experts.activation, gate_up.gate_up_K2I, h_KI)
         activated = time.perf_counter()
-        y_1H, (down_s, combine_s) = native.token_down_combine(h_KI, experts.w_down, gate_up)
+        y_1H, (down_s, combine_s) = native_token.token_down_combine(h_KI, experts.w_down, gate_up)
     done = time.perf_counter()
     _router_s, plan_s, gate_up_s = gate_up.seconds
     return TokenResult(

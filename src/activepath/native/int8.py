@@ -11,27 +11,12 @@ rounding (at most half a step, ``scale / 2``, per weight); activations are never
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 
 import torch
 
 # ``available``: the int8 kernel lives in the one native library.
-from . import (  # noqa: F401
-    M_BLOCK,
-    N_BLOCK,
-    TokenGateUp,
-    _call,
-    _flat_segments,
-    _plan_pointers,
-    _require_library,
-    _route_args,
-    _threads_for,
-    _token_gate_up,
-    _token_outputs,
-    _token_pointers,
-    available,
-)
+from . import _flat_segments, _require_library, _threads_for, available  # noqa: F401
 
 # Weight rows per work item. An int8 row is a quarter of an fp32 row, so 4x the fp32
 # N_BLOCK reads the same 256 KiB per item (Qwen3-30B-A3B: 12 items per gate_up expert,
@@ -161,39 +146,3 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     (a0, a1), (b0, b1) = span(a), span(b)
     return a0 < b1 and b0 < a1
-
-
-def token_route_gate_up_i8(
-    x_1H: torch.Tensor, w_router_EH: torch.Tensor, b_router_E: torch.Tensor | None, k: int, *, normalize: bool,
-    scale: float, q_E2IH: torch.Tensor, scale_E2I: torch.Tensor, bias_E2I: torch.Tensor | None,
-) -> TokenGateUp:
-    """``native.token_route_gate_up`` with int8 gate/up weights (per-row scales, fp32 bias):
-    what ``Int8ExpertWeights.run_segments`` computes for one token. Inputs not checked."""
-    two_i = q_E2IH.shape[1]
-    out = _token_outputs(w_router_EH.shape[0], k, two_i)
-    _call("ap_token_route_gate_up_i8", *_route_args(x_1H, w_router_EH, b_router_E, k, normalize, scale),
-          q_E2IH.data_ptr(), q_E2IH.stride(0), q_E2IH.stride(1), scale_E2I.data_ptr(), scale_E2I.stride(0),
-          *_bias_args(bias_E2I), two_i, *_token_pointers(out), N_BLOCK, M_BLOCK, N_BLOCK_I8, M_BLOCK_I8,
-          _threads_for(4 * w_router_EH.numel()), _threads_for(k * two_i * x_1H.shape[1]))  # fmt: skip
-    return _token_gate_up(out)
-
-
-def token_down_combine_i8(
-    h_KI: torch.Tensor, q_EHI: torch.Tensor, scale_EH: torch.Tensor, bias_EH: torch.Tensor | None,
-    gate_up: TokenGateUp,
-) -> tuple[torch.Tensor, tuple[float, float]]:
-    """``native.token_down_combine`` with int8 down weights."""
-    k, inter = h_KI.shape
-    hidden = q_EHI.shape[1]
-    out_KH = torch.empty(k, hidden, dtype=torch.float32)
-    y_1H = torch.empty(1, hidden, dtype=torch.float32)
-    seconds = (ctypes.c_double * 2)()
-    _call("ap_token_down_combine_i8", h_KI.data_ptr(), inter, q_EHI.data_ptr(), q_EHI.stride(0), q_EHI.stride(1),
-          scale_EH.data_ptr(), scale_EH.stride(0), *_bias_args(bias_EH), hidden, *_plan_pointers(gate_up), k,
-          gate_up.weights_1K.data_ptr(), out_KH.data_ptr(), y_1H.data_ptr(), seconds, N_BLOCK_I8, M_BLOCK_I8,
-          _threads_for(k * hidden * inter), _threads_for(4 * out_KH.numel()))  # fmt: skip
-    return y_1H, (seconds[0], seconds[1])
-
-
-def _bias_args(bias_EN: torch.Tensor | None) -> tuple:
-    return (None, 0) if bias_EN is None else (bias_EN.data_ptr(), bias_EN.stride(0))

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import native
-from .native import token as native_token
 from .experts import ExpertWeights, activate_into, gated_activation
+from .native import token as native_token
 from .quantize import Int8ExpertWeights
 from .routing import Router, RoutingResult, fused_native_router_applies
 

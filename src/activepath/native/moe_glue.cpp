@@ -47,6 +47,16 @@ std::vector<int64_t> one_row_segments(const int64_t* sorted_ids, int64_t K) {
     return segments;
 }
 
+// The GEMM over one token's K slots (one row each, segments from the plan), timed into *seconds.
+template <typename Gemm>
+int one_row_gemm(const int64_t* sorted_ids, int64_t K, double* seconds, Gemm gemm) {
+    const auto start = std::chrono::steady_clock::now();
+    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
+    const int rc = gemm(segments.data());
+    *seconds = seconds_since(start);
+    return rc;
+}
+
 template <typename O, typename Wt>
 __attribute__((optimize("fp-contract=off")))
 int combine(const O* out, int64_t S, int64_t H, const Wt* weights, const int64_t* order, const int64_t* token_idx,
@@ -213,11 +223,10 @@ int ap_token_route_gate_up(const float* x, int64_t H, const float* w_router, con
     const int rc = route_and_plan(x, H, w_router, b_router, E, K, normalize, scale, logits, ids, weights, order,
                                   token_idx, sorted_ids, counts, offsets, seconds, n_block, m_block, router_threads);
     if (rc != 0) return rc;
-    const auto start = std::chrono::steady_clock::now();
-    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
-    const int gemm_rc = ap_grouped_nk_gemm(x, 0, w_gate_up, w_estride, ldw, nullptr, 0, gate_up, N, N, H,
-                                           segments.data(), K, n_block, m_block, gemm_threads);
-    seconds[2] = seconds_since(start);
+    const int gemm_rc = one_row_gemm(sorted_ids, K, &seconds[2], [&](const int64_t* segments) {
+        return ap_grouped_nk_gemm(x, 0, w_gate_up, w_estride, ldw, nullptr, 0, gate_up, N, N, H, segments, K,
+                                  n_block, m_block, gemm_threads);
+    });
     return gemm_rc != 0 ? 20 + gemm_rc : 0;
 }
 
@@ -231,12 +240,10 @@ int ap_token_route_gate_up_i8(const float* x, int64_t H, const float* w_router, 
     const int rc = route_and_plan(x, H, w_router, b_router, E, K, normalize, scale, logits, ids, weights, order,
                                   token_idx, sorted_ids, counts, offsets, seconds, n_block, m_block, router_threads);
     if (rc != 0) return rc;
-    const auto start = std::chrono::steady_clock::now();
-    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
-    const int gemm_rc = ap_grouped_nk_gemm_i8(x, 0, q_gate_up, q_estride, ldq, q_scale, scale_estride, bias,
-                                              b_estride, gate_up, N, N, H, segments.data(), K, n_block_i8,
-                                              m_block_i8, gemm_threads);
-    seconds[2] = seconds_since(start);
+    const int gemm_rc = one_row_gemm(sorted_ids, K, &seconds[2], [&](const int64_t* segments) {
+        return ap_grouped_nk_gemm_i8(x, 0, q_gate_up, q_estride, ldq, q_scale, scale_estride, bias, b_estride,
+                                     gate_up, N, N, H, segments, K, n_block_i8, m_block_i8, gemm_threads);
+    });
     return gemm_rc != 0 ? 20 + gemm_rc : 0;
 }
 
@@ -244,12 +251,11 @@ int ap_token_down_combine(const float* h, int64_t I, const float* w_down, int64_
                           int64_t H, const int64_t* sorted_ids, const int64_t* order, const int64_t* token_idx,
                           int64_t K, const float* weights, float* out, float* y, double* seconds, int64_t n_block,
                           int64_t m_block, int gemm_threads, int combine_threads) {
-    const auto start = std::chrono::steady_clock::now();
-    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
-    const int rc = ap_grouped_nk_gemm(h, I, w_down, w_estride, ldw, nullptr, 0, out, H, H, I, segments.data(), K,
-                                      n_block, m_block, gemm_threads);
+    const int rc = one_row_gemm(sorted_ids, K, &seconds[0], [&](const int64_t* segments) {
+        return ap_grouped_nk_gemm(h, I, w_down, w_estride, ldw, nullptr, 0, out, H, H, I, segments, K, n_block,
+                                  m_block, gemm_threads);
+    });
     if (rc != 0) return rc;
-    seconds[0] = seconds_since(start);
     return combine_token(out, H, order, token_idx, K, weights, y, seconds, combine_threads);
 }
 
@@ -258,12 +264,11 @@ int ap_token_down_combine_i8(const float* h, int64_t I, const int8_t* q_down, in
                              int64_t H, const int64_t* sorted_ids, const int64_t* order, const int64_t* token_idx,
                              int64_t K, const float* weights, float* out, float* y, double* seconds,
                              int64_t n_block_i8, int64_t m_block_i8, int gemm_threads, int combine_threads) {
-    const auto start = std::chrono::steady_clock::now();
-    const std::vector<int64_t> segments = one_row_segments(sorted_ids, K);
-    const int rc = ap_grouped_nk_gemm_i8(h, I, q_down, q_estride, ldq, q_scale, scale_estride, bias, b_estride, out,
-                                         H, H, I, segments.data(), K, n_block_i8, m_block_i8, gemm_threads);
+    const int rc = one_row_gemm(sorted_ids, K, &seconds[0], [&](const int64_t* segments) {
+        return ap_grouped_nk_gemm_i8(h, I, q_down, q_estride, ldq, q_scale, scale_estride, bias, b_estride, out, H,
+                                     H, I, segments, K, n_block_i8, m_block_i8, gemm_threads);
+    });
     if (rc != 0) return rc;
-    seconds[0] = seconds_since(start);
     return combine_token(out, H, order, token_idx, K, weights, y, seconds, combine_threads);
 }
 

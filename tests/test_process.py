@@ -166,3 +166,11 @@ def test_a_full_collection_skips_frozen_objects():
         skipped = full_pass()
     assert len(objects) == 200_000
     assert skipped < walked / 5, (skipped, walked)
+
+
+def test_the_malloc_option_of_the_commands():
+    from activepath.process import apply_malloc_option
+
+    assert apply_malloc_option("default") == AllocatorState(False, "--malloc default")
+    with pytest.raises(ValueError, match="--malloc must be one of \\('tuned', 'default'\\), got 'fast'"):
+        apply_malloc_option("fast")

@@ -17,18 +17,23 @@ from test_layer import H, make_layer
 pytestmark = pytest.mark.skipif(not native.available(), reason="the one-token path runs the native kernels")
 
 
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the one-token path's native calls."""
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Counts the calls of ``native_token.<name>`` (one entry per call)."""
     taken: list[int] = []
-    real = native_token.token_route_gate_up
+    real = getattr(native_token, name)
 
     def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         taken.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(native_token, "token_route_gate_up", counted)
+    monkeypatch.setattr(native_token, name, counted)
     return taken
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the one-token path's native calls."""
+    return _count_calls(monkeypatch, "token_route_gate_up")
 
 
 def _both_ways(layer: SparseMoE, x: torch.Tensor) -> tuple[tuple, tuple]:
@@ -63,15 +68,7 @@ def test_one_token_is_the_general_path_bit_for_bit(backend: str, act: str, share
 @pytest.fixture
 def int8_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the int8 one-token path's native calls."""
-    taken: list[int] = []
-    real = native_token.token_route_gate_up_i8
-
-    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        taken.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(native_token, "token_route_gate_up_i8", counted)
-    return taken
+    return _count_calls(monkeypatch, "token_route_gate_up_i8")
 
 
 @pytest.mark.parametrize("backend", ["grouped", "native"])

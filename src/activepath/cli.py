@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-from .process import AllocatorState, tune_allocator
+from .process import MALLOC_CHOICES, apply_malloc_option
 
 # subcommand name → module that defines ``register(subparsers)``
 _SUBCOMMANDS = {
@@ -22,7 +22,7 @@ _SUBCOMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="activepath", description="Sparse MoE inference runtime")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+    parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="tuned",
                         help="tuned (default): glibc malloc keeps freed activations for reuse instead of mapping "
                              "fresh pages at every layer (activepath.tune_allocator); default: leave it as it is")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # The command owns its process, so it may set process-wide allocator state; the library does not.
-    args.allocator = tune_allocator() if args.malloc == "tuned" else AllocatorState(False, "--malloc default")
+    args.allocator = apply_malloc_option(args.malloc)
     logging.getLogger(__name__).info("allocator: %s", args.allocator.describe())
     return int(args.handler(args) or 0)
 

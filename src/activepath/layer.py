@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import token_path
 from .capacity import CapacityConfig, apply_capacity
 from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
 from .experts import ExpertWeights, fuses_combine, get_backend, is_batch_invariant, uses_workspace
-from . import token_path
 from .routing import Router, RoutingResult
 from .workspace import NO_LEASE, Workspace
 

@@ -107,6 +107,17 @@ def tune_allocator(config: AllocatorConfig | None = None) -> AllocatorState:
     return AllocatorState(True, "set by tune_allocator", config)
 
 
+MALLOC_CHOICES = ("tuned", "default")
+
+
+def apply_malloc_option(choice: str) -> AllocatorState:
+    """What a command's ``--malloc`` asks for: ``tuned`` runs ``tune_allocator``,
+    ``default`` leaves malloc alone (and says so in the state)."""
+    if choice not in MALLOC_CHOICES:
+        raise ValueError(f"--malloc must be one of {MALLOC_CHOICES}, got {choice!r}")
+    return tune_allocator() if choice == "tuned" else AllocatorState(False, "--malloc default")
+
+
 def freeze_loaded_objects() -> int:
     """Collect, then move every object alive now (the loaded model, the libraries) out of
     the cyclic garbage collector's reach (``gc.freeze``), so later collections walk only

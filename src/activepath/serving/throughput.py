@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..process import AllocatorState, tune_allocator
+from ..process import MALLOC_CHOICES, apply_malloc_option
 from .loadtest import PROMPTS
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact", action="store_true")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="write OUT.json and OUT.md")
-    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="tuned",
                    help="as the activepath command's --malloc (both implementations run under it)")
     args = p.parse_args(argv)
-    args.allocator = tune_allocator() if args.malloc == "tuned" else AllocatorState(False, "--malloc default")
+    args.allocator = apply_malloc_option(args.malloc)
     logging.basicConfig(level=logging.WARNING)
     doc = run(args)
     markdown = render_markdown(doc)

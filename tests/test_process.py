@@ -20,28 +20,33 @@ glibc_only = pytest.mark.skipif(
 )
 
 # What attention does at every layer of a 128-token prefill: a projection's output and the
-# product made from it (2 MiB each), then both freed. 16 rounds (the heap settles in the
-# first few); the faults of the last 8 are printed.
+# product made from it (2 MiB each), then both freed, for 64 rounds; the faults after the
+# first 8 are printed. The tuned heap does not settle at once: small allocations made between
+# rounds fragment it, so it grows a few more times (seen here at rounds 8 and 18, 1,536 pages;
+# 2,048 on CI) before it reaches its high-water mark and stops faulting for good.
 _CHILD = """
 import json, resource, sys, torch
 from activepath.process import AllocatorConfig, tune_allocator
-state = tune_allocator(AllocatorConfig(mmap_threshold_bytes=int(sys.argv[1])))
+threshold, rounds, settle = map(int, sys.argv[1:])
+state = tune_allocator(AllocatorConfig(mmap_threshold_bytes=threshold))
 faults = []
-for _ in range(16):
+for _ in range(rounds):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = torch.ones(128, 4096)
     z = y * 2.0
     del y, z
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"tuned": state.tuned, "faults": sum(faults[8:])}))
+print(json.dumps({"tuned": state.tuned, "faults": sum(faults[settle:])}))
 """
+_ROUNDS, _SETTLE = 64, 8
+_COUNTED = _ROUNDS - _SETTLE
 _PAGES_PER_ROUND = 2 * (2 << 20) // 4096
 
 
 def _child(mmap_threshold: int) -> dict:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(mmap_threshold)], capture_output=True, text=True,
-                          timeout=120, check=False, env=env)
+    argv = [sys.executable, "-c", _CHILD, str(mmap_threshold), str(_ROUNDS), str(_SETTLE)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -50,8 +55,9 @@ def _child(mmap_threshold: int) -> dict:
 def test_tuned_heap_reuses_freed_activations():
     tuned = _child(MAX_MMAP_THRESHOLD_BYTES)
     assert tuned["tuned"] is True
-    # Without reuse, 8 rounds x 1024 pages would fault; a few stray pages are allowed.
-    assert tuned["faults"] < 0.1 * 8 * _PAGES_PER_ROUND, tuned
+    # Without reuse, every counted round would fault 1024 pages (56 rounds' worth); the tuned
+    # heap may still grow a few times while fragmentation settles, so 8 rounds' worth is allowed.
+    assert tuned["faults"] < 8 * _PAGES_PER_ROUND, tuned
 
 
 @glibc_only
@@ -61,7 +67,7 @@ def test_a_threshold_below_the_activations_maps_them_afresh_every_time():
     check above can fail."""
     low = _child(1 << 20)
     assert low["tuned"] is True
-    assert low["faults"] > 0.9 * 8 * _PAGES_PER_ROUND, low
+    assert low["faults"] > 0.9 * _COUNTED * _PAGES_PER_ROUND, low
 
 
 def test_another_preloaded_allocator_is_left_alone(monkeypatch):

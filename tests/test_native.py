@@ -61,15 +61,28 @@ def test_rows_outside_segments_are_untouched_and_strided_inputs_work() -> None:
 
 @needs_native
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-def test_batch_invariant_bitwise(weight_dtype: torch.dtype) -> None:
-    w_ENK = torch.randn(3, 70, 2050).to(weight_dtype)
-    x_MK = torch.randn(41, 2050)
-    full = torch.empty(41, 70)
+@pytest.mark.parametrize(
+    ("n", "k"),
+    # 70 x 2050: long rows with a k tail; 600 x 777: short rows, and enough of them that a
+    # lone row takes the longer one-row work items (128 rows, a 88-row last one) and the
+    # 8-row tiles with their 1-row tail.
+    [(70, 2050), (600, 777)],
+)
+def test_batch_invariant_bitwise(weight_dtype: torch.dtype, n: int, k: int) -> None:
+    w_ENK = torch.randn(3, n, k).to(weight_dtype)
+    x_MK = torch.randn(41, k)
+    full = torch.empty(41, n)
     native.grouped_nk_gemm(x_MK, w_ENK, [(2, 0, 41)], full)
+    torch.testing.assert_close(full, x_MK @ w_ENK[2].float().T, rtol=1e-4, atol=1e-3)
     for t in (0, 5, 40):
-        alone = torch.empty(1, 70)
+        alone = torch.empty(1, n)
         native.grouped_nk_gemm(x_MK[t : t + 1].contiguous(), w_ENK, [(2, 0, 1)], alone)
         assert torch.equal(alone[0], full[t])
+    # One row per expert (decode), every row alone in its own segment, as the layer calls it.
+    rows = torch.empty(3, n)
+    native.grouped_nk_gemm(x_MK[:3].contiguous(), w_ENK, [(2, 0, 1), (0, 1, 2), (2, 2, 3)], rows)
+    assert torch.equal(rows[0], full[0]) and torch.equal(rows[2], full[2])
+    torch.testing.assert_close(rows[1], x_MK[1] @ w_ENK[0].float().T, rtol=1e-4, atol=1e-3)
 
 
 @needs_native

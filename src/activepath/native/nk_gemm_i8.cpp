@@ -155,7 +155,7 @@ int ap_grouped_nk_gemm_i8(const float* x, int64_t ldx, const int8_t* q, int64_t 
                           const float* b, int64_t b_estride, float* y, int64_t ldy, int64_t N,
                           int64_t K, const int64_t* segments, int64_t G, int64_t n_block,
                           int64_t m_block, int num_threads) {
-    return ap::for_each_work_item(segments, G, N, K, n_block, m_block, num_threads,
+    return ap::for_each_work_item(segments, G, N, K, n_block, n_block, m_block, num_threads,
                                   [&](int64_t e, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                                       block_i8(x, ldx, q + e * q_estride, ldq, K, scale + e * scale_estride,
                                                b ? b + e * b_estride : b, y, ldy, m0, m1, n0, n1);

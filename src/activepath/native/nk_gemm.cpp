@@ -127,10 +127,11 @@ static void row_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
 // weight stream, paced by how far ahead the prefetches run. Its tiles prefetch 2 tiles ahead
 // (not 1), in work items of up to 128 weight rows (for_each_work_item's one_row_n_block)
 // instead of n_block, so fewer items start with a stream nobody prefetched. Decode steps of
-// the Qwen3-30B-A3B shape x 4 layers, alternating with the previous kernels in one process:
-// 4-5 % faster when the host's memory is fast (29.1 -> 27.9 ms), -1..+2 % when it is slow
-// (~38 ms). 8-row tiles measured 9 % faster in the fast state but up to 5 % slower in the slow
-// one: more concurrent streams. Each output is summed as before: the same bits.
+// the Qwen3-30B-A3B shape x 4 layers, alternating with the previous kernels in one process
+// (benchmarks/native_ab.py): 2-7 % faster in every round with the host's memory fast (~29 ms
+// steps), faster in 19 of 25 rounds with it slow (~38 ms; -8..+9 %). 8-row tiles measured
+// 8-9 % faster in the fast state but mostly slower in the slow one: more concurrent streams.
+// Each output is summed as before: the same bits.
 constexpr int ONE_ROW_PD = 2;
 constexpr int64_t ONE_ROW_N_BLOCK = 128;
 

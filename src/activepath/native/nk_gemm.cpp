@@ -124,20 +124,27 @@ static void row_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
 }
 
 // One row of x (decode: each expert's only token, and the dense projections) is a pure
-// weight stream, paced by how far ahead the prefetches run. Its tiles prefetch 2 tiles ahead
-// (not 1), in work items of up to 128 weight rows (for_each_work_item's one_row_n_block)
-// instead of n_block, so fewer items start with a stream nobody prefetched. Decode steps of
-// the Qwen3-30B-A3B shape x 4 layers, alternating with the previous kernels in one process
-// (benchmarks/native_ab.py): 2-7 % faster in every round with the host's memory fast (~29 ms
-// steps), faster in 19 of 25 rounds with it slow (~38 ms; -8..+9 %). 8-row tiles measured
-// 8-9 % faster in the fast state but mostly slower in the slow one: more concurrent streams.
+// weight stream, paced by how far ahead the prefetches run. Its work items are up to 128
+// weight rows (for_each_work_item's one_row_n_block) instead of n_block, so fewer items start
+// with a stream nobody prefetched, and its tiles reach further ahead: short rows (K <= 1024,
+// a 3 KiB down-projection row) in tiles of 8 rows, 1 tile (24 KiB) ahead, where 2-row tiles
+// reached 6 KiB; long rows in tiles of 4, 2 tiles (64 KiB) ahead. Decode steps of the
+// Qwen3-30B-A3B shape x 4 layers, alternating with the previous kernels in one process
+// (benchmarks/native_ab.py): 5-7 % faster with the host's memory fast (~29 ms steps), about
+// even to 3 % faster with it slow (~38 ms). 8-row tiles for the long rows too measured faster
+// in the fast state but up to 6 % slower in the slow one: more concurrent streams.
 // Each output is summed as before: the same bits.
-constexpr int ONE_ROW_PD = 2;
 constexpr int64_t ONE_ROW_N_BLOCK = 128;
+#if defined(__AVX512F__)
+constexpr int SHORT_ONE_NB = 8;  // 8 accumulators + 8 weight vectors + x: 17 of 32 zmm
+#else
+constexpr int SHORT_ONE_NB = 2;  // a v16 takes two of 16 ymm: keep the 2-row tiles
+#endif
 
 // Rows [m0, m1) of x against weight rows [n0, n1), in register tiles of MB_MAX x NB
-// (MB_MAX * NB accumulators, NB weight vectors, one x vector: within 32 registers).
-template <typename W, int MB_MAX, int NB>
+// (MB_MAX * NB accumulators, NB weight vectors, one x vector: within 32 registers); a lone
+// row in tiles of ONE_NB, prefetching ONE_PD tiles ahead (see ONE_ROW_N_BLOCK).
+template <typename W, int MB_MAX, int NB, int ONE_NB, int ONE_PD>
 static void block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                   const float* b, float* y, int64_t ldy, int64_t m0, int64_t m1, int64_t n0,
                   int64_t n1) {
@@ -153,7 +160,7 @@ static void block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t 
         case 4: row_block<W, 4, NB>(xm, ldx, w, ldw, K, b, ym, ldy, n0, n1); break;
         case 3: row_block<W, 3, NB>(xm, ldx, w, ldw, K, b, ym, ldy, n0, n1); break;
         case 2: row_block<W, 2, NB>(xm, ldx, w, ldw, K, b, ym, ldy, n0, n1); break;
-        case 1: row_block<W, 1, NB, ONE_ROW_PD>(xm, ldx, w, ldw, K, b, ym, ldy, n0, n1); break;
+        case 1: row_block<W, 1, ONE_NB, ONE_PD>(xm, ldx, w, ldw, K, b, ym, ldy, n0, n1); break;
         default: break;
     }
 }
@@ -167,9 +174,9 @@ static void run_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
                       const float* b, float* y, int64_t ldy, int64_t m0, int64_t m1, int64_t n0,
                       int64_t n1) {
     if (K <= 1024)
-        block<W, 8, 2>(x, ldx, w, ldw, K, b, y, ldy, m0, m1, n0, n1);
+        block<W, 8, 2, SHORT_ONE_NB, 1>(x, ldx, w, ldw, K, b, y, ldy, m0, m1, n0, n1);
     else
-        block<W, 4, 4>(x, ldx, w, ldw, K, b, y, ldy, m0, m1, n0, n1);
+        block<W, 4, 4, 4, 2>(x, ldx, w, ldw, K, b, y, ldy, m0, m1, n0, n1);
 }
 
 // ---- Panel kernel: experts (and dense layers) with many rows, fp32 weights ----------------

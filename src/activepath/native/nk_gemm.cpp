@@ -130,9 +130,10 @@ static void row_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
 // a 3 KiB down-projection row) in tiles of 8 rows, 1 tile (24 KiB) ahead, where 2-row tiles
 // reached 6 KiB; long rows in tiles of 4, 2 tiles (64 KiB) ahead. Decode steps of the
 // Qwen3-30B-A3B shape x 4 layers, alternating with the previous kernels in one process
-// (benchmarks/native_ab.py): 5-7 % faster with the host's memory fast (~29 ms steps), about
-// even to 3 % faster with it slow (~38 ms). 8-row tiles for the long rows too measured faster
-// in the fast state but up to 6 % slower in the slow one: more concurrent streams.
+// (benchmarks/native_ab.py): 4-9 % faster with the host's memory fast (~30 ms steps);
+// with it slow (~39 ms), 2 % faster in 12 of 12 rounds of one run, -3.5..+1.6 % in others.
+// 8-row tiles for the long rows too measured faster in the fast state but up to 6 % slower
+// in the slow one: more concurrent streams.
 // Each output is summed as before: the same bits.
 constexpr int64_t ONE_ROW_N_BLOCK = 128;
 #if defined(__AVX512F__)

@@ -14,9 +14,9 @@ round on the round's prompt, the order alternating between rounds; the library i
 swapped between generations. Before each round a 256 MiB copy labels the host's state. Only
 for revisions whose C entry points have the signatures this tree declares.
 
-Model: the Qwen3-30B-A3B shape with 4 layers (vocab 32000, fp32, random weights),
-``activepath.optimize`` with ``--expert-dtype``/``--dense-dtype``; the C allocator tuned and
-the loaded objects frozen out of the GC, as the ``activepath`` command does.
+Model and process settings as in token_path_ab.py (``ab_process``): the Qwen3-30B-A3B shape
+with 4 layers, ``--expert-dtype``/``--dense-dtype``, the C allocator tuned and the loaded
+objects frozen out of the GC, as the ``activepath`` command does.
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ import torch
 
 import activepath
 from activepath import native
-from activepath.bench.build import build_model
 from activepath.bench.machine import cpu_model, versions
-from activepath.bench.shapes import get_shape, hf_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from token_path_ab import generate  # noqa: E402
+from token_path_ab import ab_process, generate, parse_ab_args  # noqa: E402
 
 NATIVE_DIR = "src/activepath/native"
 
@@ -80,23 +78,13 @@ def copy_gbps(src: torch.Tensor, dst: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/native_ab.py")
     p.add_argument("--base", required=True, help="git revision whose native kernels are the baseline")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--new", type=int, default=32, help="tokens per generation (1 from prefill + decode steps)")
-    p.add_argument("--expert-dtype", choices=("native", "int8"), default="native")
-    p.add_argument("--dense-dtype", choices=("native", "int8"), default="native")
-    p.add_argument("--out", help="write OUT.json and OUT.md")
-    args = p.parse_args(argv)
-    if args.rounds < 1 or args.new < 2:
-        raise SystemExit("--rounds must be >= 1 and --new >= 2")
-    torch.set_num_threads(2)
-    allocator = activepath.tune_allocator()
+    args = parse_ab_args(p, argv, rounds=8)
     this_tree = native._library()
     if this_tree is None:
         raise SystemExit(f"native kernels unavailable: {native.unavailable_reason()}")
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"base": build_revision(args.base, Path(tmp)), "this tree": this_tree}
-        model = activepath.optimize(build_model(hf_config(get_shape("qwen3-30b-a3b"), layers=4, vocab=32000)),
-                                    expert_dtype=args.expert_dtype, dense_dtype=args.dense_dtype)
+        allocator, model = ab_process(args)
         activepath.freeze_loaded_objects()
         src = torch.ones(64 << 20)
         dst = torch.empty_like(src)

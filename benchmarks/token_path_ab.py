@@ -47,9 +47,9 @@ def generate(model: torch.nn.Module, prompt_1P: torch.Tensor, new: int) -> tuple
     return tokens, steps
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/token_path_ab.py")
-    p.add_argument("--rounds", type=int, default=6)
+def parse_ab_args(p: argparse.ArgumentParser, argv: list[str] | None, *, rounds: int) -> argparse.Namespace:
+    """The options every in-process decode A/B here takes, added to ``p``, then parsed and checked."""
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--new", type=int, default=32, help="tokens per generation (1 from prefill + decode steps)")
     p.add_argument("--expert-dtype", choices=("native", "int8"), default="native")
     p.add_argument("--dense-dtype", choices=("native", "int8"), default="native")
@@ -57,10 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.new < 2:
         raise SystemExit("--rounds must be >= 1 and --new >= 2")
+    return args
+
+
+def ab_process(args: argparse.Namespace) -> tuple[activepath.AllocatorState, torch.nn.Module]:
+    """2 threads, the C allocator tuned, and the Qwen3-30B-A3B x 4 layers model (random
+    weights) optimized with ``args``' dtypes: (the allocator's state, the model)."""
     torch.set_num_threads(2)
     allocator = activepath.tune_allocator()
     model = activepath.optimize(build_model(hf_config(get_shape("qwen3-30b-a3b"), layers=4, vocab=32000)),
                                 expert_dtype=args.expert_dtype, dense_dtype=args.dense_dtype)
+    return allocator, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_ab_args(argparse.ArgumentParser(prog="python benchmarks/token_path_ab.py"), argv, rounds=6)
+    allocator, model = ab_process(args)
     layers = [layer for _, layer in activepath.moe_layers(model)]
     activepath.freeze_loaded_objects()
     gen = torch.Generator().manual_seed(0)

@@ -151,11 +151,16 @@ _BACKENDS: dict[str, ExpertsBackend] = {}
 _BATCH_INVARIANT: set[str] = set()
 _USES_WORKSPACE: set[str] = set()
 _FUSES_COMBINE: set[str] = set()
+_DIFFERENTIABLE: set[str] = set()
+
+# What a layer whose backend has no backward computes with when autograd is on: torch ops
+# only there (the native kernels, the workspace and torch's CPU grouped GEMM step aside).
+DIFFERENTIABLE_FALLBACK = "grouped"
 
 
 def register_backend(
     name: str, fn: ExpertsBackend, *, batch_invariant: bool = False, uses_workspace: bool = False,
-    fuses_combine: bool = False,
+    fuses_combine: bool = False, differentiable: bool = False,
 ) -> None:
     """Make ``fn`` selectable as ``backend=name``. ``reference`` cannot be replaced.
 
@@ -163,7 +168,10 @@ def register_backend(
     the call (so a sequence gives the same result alone or batched). ``uses_workspace``:
     ``fn`` accepts a ``workspace=`` keyword (see ``ExpertsBackend``). ``fuses_combine``:
     ``fn`` also takes ``topk_weights_TK=`` and returns the combined output y_TH [T, H]
-    (the layer then skips its own combine stage).
+    (the layer then skips its own combine stage). ``differentiable``: with autograd on,
+    ``fn`` builds a graph through which gradients reach ``x_TH`` and the expert weights
+    (and through the routing weights, the router); a layer whose backend is not takes
+    ``DIFFERENTIABLE_FALLBACK`` for calls that need gradients.
     """
     if name == "reference" and "reference" in _BACKENDS:
         raise ValueError("the 'reference' backend is fixed; register yours under another name")
@@ -171,7 +179,7 @@ def register_backend(
         raise ValueError("a backend that fuses the combine returns y_TH itself; it cannot also use a workspace")
     _BACKENDS[name] = fn
     for flag, names in ((batch_invariant, _BATCH_INVARIANT), (uses_workspace, _USES_WORKSPACE),
-                        (fuses_combine, _FUSES_COMBINE)):  # fmt: skip
+                        (fuses_combine, _FUSES_COMBINE), (differentiable, _DIFFERENTIABLE)):  # fmt: skip
         names.discard(name)
         if flag:
             names.add(name)
@@ -190,6 +198,11 @@ def uses_workspace(name: str) -> bool:
 def fuses_combine(name: str) -> bool:
     get_backend(name)
     return name in _FUSES_COMBINE
+
+
+def is_differentiable(name: str) -> bool:
+    get_backend(name)
+    return name in _DIFFERENTIABLE
 
 
 def get_backend(name: str) -> ExpertsBackend:
@@ -273,21 +286,23 @@ def native_experts(
 
 def _gather(x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None) -> torch.Tensor:
     """Each slot's token row, in dispatch order: [S, H]."""
-    if workspace is None:
+    # out= has no autograd, and a reused buffer saved for the backward would be overwritten.
+    if workspace is None or torch.is_grad_enabled():
         return x_TH.index_select(0, plan.token_idx_S)
     x_SH = workspace.empty("x", (plan.token_idx_S.shape[0], x_TH.shape[1]), x_TH.dtype, x_TH.device)
     return torch.index_select(x_TH, 0, plan.token_idx_S, out=x_SH)
 
 
 def _native_applies(weights: ExpertWeights, x_SH: torch.Tensor) -> bool:
-    if hasattr(weights, "run_segments"):
+    if hasattr(weights, "run_segments"):  # int8 (its run_segments takes torch ops under autograd)
         return native.available() and x_SH.device.type == "cpu"
     if type(weights) is not ExpertWeights or weights.transposed:
         return False  # GPT-OSS's [E, H, 2I] rows are not contiguous along K
     if x_SH.dtype != weights.w_gate_up.dtype or x_SH.device.type != "cpu":
         return False
-    if torch.is_grad_enabled() and x_SH.requires_grad:
-        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x_SH, weights.b_gate_up, weights.b_down)):  # fmt: skip
+        return False  # the kernels have no backward (supports_weight checks the weights)
     return native.supports_weight(weights.w_gate_up) and native.supports_weight(weights.w_down)
 
 
@@ -424,11 +439,13 @@ def rowwise_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPl
     return _run_segments(weights, x_TH.index_select(0, plan.token_idx_S), segments)
 
 
-register_backend("reference", reference_experts, batch_invariant=True)
-register_backend("grouped", grouped_experts, uses_workspace=True)
-register_backend("grouped_loop", grouped_loop_experts)
-register_backend("rowwise", rowwise_experts, batch_invariant=True)
-register_backend("native", native_experts, batch_invariant=True, uses_workspace=True)
+# With autograd on, these take torch ops only (see ``_native_applies``, ``_grouped_mm_applies``,
+# ``_run_segments``, ``_gather``): the same values, with a backward.
+register_backend("reference", reference_experts, batch_invariant=True, differentiable=True)
+register_backend("grouped", grouped_experts, uses_workspace=True, differentiable=True)
+register_backend("grouped_loop", grouped_loop_experts, differentiable=True)
+register_backend("rowwise", rowwise_experts, batch_invariant=True, differentiable=True)
+register_backend("native", native_experts, batch_invariant=True, uses_workspace=True, differentiable=True)
 
 
 def _triton_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, *,

@@ -17,7 +17,15 @@ from . import token_path
 from .capacity import CapacityConfig, apply_capacity
 from .combine import combine
 from .dispatch import DispatchPlan, plan_dispatch
-from .experts import ExpertWeights, fuses_combine, get_backend, is_batch_invariant, uses_workspace
+from .experts import (
+    DIFFERENTIABLE_FALLBACK,
+    ExpertWeights,
+    fuses_combine,
+    get_backend,
+    is_batch_invariant,
+    is_differentiable,
+    uses_workspace,
+)
 from .routing import Router, RoutingResult
 from .workspace import NO_LEASE, Workspace
 
@@ -123,8 +131,11 @@ class SparseMoE(nn.Module):
         """Like ``forward``, also returning the routing decisions (flattened to [T, K])."""
         self._check_input(x)
         x_TH = x.reshape(-1, x.shape[-1])
-        if self.token_fast_path and token_path.applies(self, x_TH):
+        grad = self._needs_autograd(x)
+        if not grad and self.token_fast_path and token_path.applies(self, x_TH):
             return self._one_token(x, x_TH)
+        # Gradients need torch ops throughout: a backend without a backward steps aside.
+        backend = self._backend if not grad or is_differentiable(self._backend) else DIFFERENTIABLE_FALLBACK
         clock = _StageClock(x_TH.device) if self.collect_stats else _NO_CLOCK
         routing = self.router(x_TH)
         kept_TK = None
@@ -134,13 +145,14 @@ class SparseMoE(nn.Module):
         # The router's top-k ids are in range by construction: no range check (a sync off the CPU).
         plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts, kept_TK, validate=False)
         dispatch_s = clock.lap()
-        if fuses_combine(self._backend):  # one fused call; its combine is part of experts_s
-            y_TH = get_backend(self._backend)(self.experts, x_TH, plan, topk_weights_TK=routing.topk_weights_TK)
+        if fuses_combine(backend):  # one fused call; its combine is part of experts_s
+            y_TH = get_backend(backend)(self.experts, x_TH, plan, topk_weights_TK=routing.topk_weights_TK)
             experts_s = clock.lap()
         else:
-            with self._scratch(plan) as workspace:
+            # No shared scratch under autograd: buffers saved for the backward must not be reused.
+            with (NO_LEASE if grad else self._scratch(plan)) as workspace:
                 # The experts' output may live in the workspace: combined before it is released.
-                out_SH = self._experts(x_TH, plan, workspace)
+                out_SH = self._experts(backend, x_TH, plan, workspace)
                 experts_s = clock.lap()
                 y_TH = combine(out_SH, plan, routing.topk_weights_TK)
         combine_s = clock.lap()
@@ -150,6 +162,13 @@ class SparseMoE(nn.Module):
         if self.collect_stats:
             self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
         return y_TH.view(x.shape), routing
+
+    def _needs_autograd(self, x: torch.Tensor) -> bool:
+        """Whether this call builds a graph through the routed experts (their output needs
+        gradients w.r.t. the input, the router or the expert weights)."""
+        if not torch.is_grad_enabled():
+            return False  # no_grad / inference_mode: the decode case, one check
+        return x.requires_grad or any(p.requires_grad for m in (self.router, self.experts) for p in m.parameters())
 
     def _one_token(self, x: torch.Tensor, x_1H: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         """Decode at batch 1 through ``token_path``: the general path's results, bit for bit."""
@@ -168,9 +187,9 @@ class SparseMoE(nn.Module):
         # (a lock and an object, once per layer per step) is skipped.
         return self.workspace.lease(plan.order_S.shape[0] * self.experts.hidden_size * 4)
 
-    def _experts(self, x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None) -> torch.Tensor:
-        backend = get_backend(self._backend)
-        if workspace is not None and uses_workspace(self._backend):
+    def _experts(self, name: str, x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None) -> torch.Tensor:
+        backend = get_backend(name)
+        if workspace is not None and uses_workspace(name):
             return backend(self.experts, x_TH, plan, workspace=workspace)
         return backend(self.experts, x_TH, plan)
 

@@ -108,7 +108,7 @@ def test_load_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="supported: .*mixtral"):
         activepath.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(ValueError, match="dtype='int3' is not supported"):
         activepath.load(tmp_path, dtype="int3")
     with pytest.raises(ValueError, match="backend"):
         activepath.load(tmp_path, backend="nope")

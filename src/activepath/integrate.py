@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .adapters import OptimizeOptions, adapter_for, supported_model_types
 from .layer import SparseMoE
 from .linears import patch_linears, quantize_linears
@@ -51,7 +51,38 @@ def optimize(model: nn.Module, *, backend: str = "grouped", collect_stats: bool 
         quantize_linears(model)
     elif native_linears:
         patch_linears(model)
+    if not model.__dict__.get("_activepath_checks_input_ids"):
+        model.register_forward_pre_hook(InputIdsCheck(model), with_kwargs=True)
+        model.__dict__["_activepath_checks_input_ids"] = True  # a flag, not the handle: deep copies stay plain
     return model
+
+
+class InputIdsCheck:
+    """Forward pre-hook of an optimized model: ``input_ids`` must be a non-empty 2-D
+    integer tensor [batch, sequence] of ids inside the vocabulary (torch would raise an
+    IndexError or a reshape error deep inside, or on a GPU corrupt the context). Costs one
+    min/max over the ids per call (~2 us at decode; the vocabulary size is cached, and read
+    again from the model only when an id is past it, as after ``resize_token_embeddings``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.vocab = model.get_input_embeddings().num_embeddings
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return  # inputs_embeds instead
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"input_ids must be 2-D [batch, sequence] with at least one token, "
+                             f"got shape {tuple(ids.shape)}")  # fmt: skip
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got {ids.dtype}")
+        lo, hi = (t.item() for t in torch.aminmax(ids))
+        if hi >= self.vocab:
+            self.vocab = model.get_input_embeddings().num_embeddings
+        if lo < 0 or hi >= self.vocab:
+            raise ValueError(f"input_ids must lie in [0, {self.vocab - 1}] (the vocabulary), got ids from {lo} to {hi}")
 
 
 def _check_dense_options(native_linears: object, dense_dtype: object) -> None:
@@ -82,14 +113,23 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     if dtype is None and isinstance(path, str) and embedded_path(path) is not None:
         # Embedded models were trained in fp32 and are stored in bf16 only to stay small.
         dtype = torch.float32
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    adapter_for(str(model_type))  # fail before reading any weights
+    adapter_for(str(checkpoint.read_config(directory).get("model_type")))  # fail before reading any weights
     OptimizeOptions(backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype)
     _check_dense_options(native_linears, dense_dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=_resolve_dtype(dtype), use_safetensors=True, experts_implementation="eager"
-    )
-    model.to(torch.device(device)).eval()
+    torch_dtype, target = _resolve_dtype(dtype), _resolve_device(device)
+    files = checkpoint.weight_files(directory)
+    tensors = checkpoint.read_headers(files)
+    checkpoint.check_expert_keys(tensors)
+    try:
+        # Mismatched shapes are reported, not raised, so that check_loading_info names them.
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype, use_safetensors=True, experts_implementation="eager",
+            output_loading_info=True, ignore_mismatched_sizes=True,
+        )  # fmt: skip
+    except RuntimeError as e:  # transformers' weight conversion failed (its report is logged)
+        raise ValueError(f"transformers could not load {[f.name for f in files]} from {directory}: {e}") from e
+    checkpoint.check_loading_info(info, tensors, directory)
+    model.to(target).eval()
     return optimize(model, backend=backend, collect_stats=collect_stats, top_k=top_k, expert_dtype=expert_dtype,
                     native_linears=native_linears, dense_dtype=dense_dtype)
 
@@ -110,11 +150,40 @@ def _checkpoint_dir(path: str | Path) -> Path:
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     if dtype is None:
         return "auto"
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise TypeError(f"dtype {dtype} is not supported; expected one of {sorted(set(_DTYPES))}")
+    if not isinstance(dtype, (torch.dtype, str)):
+        raise TypeError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {type(dtype).__name__}")
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise TypeError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+    hint = " (int8 weights: expert_dtype='int8', dense_dtype='int8')" if "int8" in str(dtype) else ""
+    raise ValueError(f"dtype={dtype!r} is not supported; expected a float dtype, one of {sorted(_DTYPES)}{hint}")
 
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refused (ValueError) when this machine has no such device."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        target = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1'): {e}") from e
+    if target.type == "cpu":
+        return target
+    backend = getattr(torch, target.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"device={str(device)!r} is not available here; available: {_available_devices()}")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if target.index is not None and not 0 <= target.index < count:
+        raise ValueError(f"device={str(device)!r}: this machine has {count} {target.type} device(s), "
+                         f"indices 0..{count - 1}")  # fmt: skip
+    return target
+
+
+def _available_devices() -> list[str]:
+    found = ["cpu"]
+    for kind in ("cuda", "xpu", "mps"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and hasattr(backend, "is_available") and backend.is_available():
+            found.append(kind)
+    return found

@@ -6,6 +6,7 @@ Shape legend: T tokens, H hidden, E experts, K experts per token, S = T*K slots.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -122,6 +123,24 @@ class SparseMoE(nn.Module):
     def backend(self, name: str) -> None:
         get_backend(name)  # raises on an unknown name, before any call
         self._backend = name
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token (the router's); settable, 1 <= top_k <= the layer's experts."""
+        return self.router.config.top_k
+
+    @top_k.setter
+    def top_k(self, k: int) -> None:
+        num_experts = self.experts.num_experts
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"top_k must be an int, got {type(k).__name__} ({k!r})")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top_k={k} is out of range: expected 1 <= top_k <= {num_experts} (the layer's experts)")
+        config = dataclasses.replace(self.router.config, top_k=k)  # re-checks the expert-group limits
+        router: nn.Module | None = self.router
+        while router is not None:  # a wrapping router (the serving runner's row-wise one) and what it wraps
+            router.config = config
+            router = getattr(router, "inner", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [..., H] → [..., H], same dtype."""

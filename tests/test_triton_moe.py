@@ -14,7 +14,7 @@ import torch
 
 import activepath
 from activepath import ActivationConfig, ExpertWeights, combine, fuses_combine, plan_dispatch, triton_moe
-from activepath.tolerances import MODEL_LOGITS_ATOL_FP32, tolerance
+from activepath.tolerances import MODEL_LOGITS_ATOL_FP32, triton_tolerance
 from families import tiny_model
 from oracle import moe_oracle
 
@@ -66,7 +66,7 @@ def _check(weights: ExpertWeights, x_TH: torch.Tensor, ids_TK: torch.Tensor, w_T
     expected = moe_oracle(weights, x_TH, ids_TK, w_TK)
     assert y_TH.dtype == x_TH.dtype and y_TH.shape == x_TH.shape
     err = (y_TH.double() - expected).abs().max().item()
-    assert err <= tolerance(x_TH.dtype).bound(expected), err
+    assert err <= triton_tolerance(x_TH.dtype).bound(expected), err
 
 
 @pytest.mark.parametrize("config", TILES, ids=["tiles16", "tiles32-64"])

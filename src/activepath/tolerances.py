@@ -26,6 +26,13 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float16: Tolerance(atol=1e-3, rtol=4e-3),
 }
 
+# The ``triton`` backend's fp32 kernels (IEEE fp32 dots, no TF32) vs the float64 oracle on
+# the same routing: max abs error over max abs output. Measured under TRITON_INTERPRET=1 on
+# tests/test_triton_moe.py's shapes (both tile configs, every activation, GPT-OSS, 240 seeded
+# cases): worst 4.1e-7. The general fp32 bound above sits 40-130x over that and let a 20x
+# larger GELU-tanh error through; this one is ~4x the worst measured.
+TRITON_FP32 = Tolerance(atol=0.0, rtol=1.5e-6)
+
 # Model logits, optimized vs transformers eager experts, fp32: max abs difference.
 MODEL_LOGITS_ATOL_FP32 = 1e-5
 
@@ -63,3 +70,8 @@ def tolerance(dtype: torch.dtype) -> Tolerance:
     if dtype not in TOLERANCES:
         raise ValueError(f"no tolerance defined for {dtype}; known: {list(TOLERANCES)}")
     return TOLERANCES[dtype]
+
+
+def triton_tolerance(dtype: torch.dtype) -> Tolerance:
+    """The ``triton`` backend's bound: ``TRITON_FP32`` in fp32, else the layer's own."""
+    return TRITON_FP32 if dtype == torch.float32 else tolerance(dtype)

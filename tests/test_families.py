@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import activepath
-from activepath.tolerances import HALF_ERROR_RATIO, HALF_ERROR_SLACK, MODEL_LOGITS_ATOL_FP32
+from activepath.tolerances import HALF_ERROR_RATIO, HALF_ERROR_SLACK, MODEL_LOGITS_ATOL_FP32, tolerance
 from families import FAMILIES, tiny_model
 
 VOCAB = 160
@@ -100,3 +100,25 @@ def test_greedy_generate_identical(family: str) -> None:
         got = model.generate(prompt, **kwargs)
     assert got.shape == (1, 7 + 24)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_match_eager(family: str) -> None:
+    # A loss with labels and its backward, outside no_grad: every parameter's gradient as
+    # transformers' eager experts compute it — routers (through the top-k weights; DeepSeek's
+    # grouped sigmoid routing, GPT-OSS's top-k-then-softmax), biases and stacked experts.
+    # 4 x 128 tokens: at least 1024 slots, enough that `grouped` leases its workspace.
+    reference, model = tiny_model(family), tiny_model(family)
+    by_name = dict(model.named_parameters())  # the SparseMoE layers take these very tensors
+    activepath.optimize(model)
+    ids = random_ids(4, 128, seed=5)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=ids).loss.backward()
+    routed = 0
+    for name, p in reference.named_parameters():
+        got = by_name[name].grad
+        assert got is not None, f"no gradient reached {name}"
+        err = (got - p.grad).abs().max().item()
+        assert err <= tolerance(torch.float32).bound(p.grad), (name, err)
+        routed += ".experts." in name or name.endswith((".gate.weight", ".router.weight"))
+    assert routed >= 3

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import activepath
 from activepath.models import embedded_path
-from activepath.routing_stats import windows
+from activepath.analysis.routing_stats import windows
 
 
 def main() -> int:

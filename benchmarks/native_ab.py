@@ -9,7 +9,7 @@ The host's memory bandwidth changes between processes and within minutes (decode
 31 vs 40 ms with the same code, benchmarks/results/issue6_performance.md), so a kernel change
 is only measurable side by side in one process. This builds the C++ sources of ``--base``
 (``git show REV:src/activepath/native/...``) with the same compiler and flags as
-``activepath.native``, loads both libraries, and runs one greedy generation per library per
+``activepath.kernels.cpu``, loads both libraries, and runs one greedy generation per library per
 round on the round's prompt, the order alternating between rounds; the library in use is
 swapped between generations. Before each round a 256 MiB copy labels the host's state. Only
 for revisions whose C entry points have the signatures this tree declares.
@@ -36,17 +36,17 @@ from pathlib import Path
 import torch
 
 import activepath
-from activepath import native
+from activepath.kernels import cpu as native
 from activepath.bench.machine import cpu_model, versions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from token_path_ab import ab_process, generate, parse_ab_args  # noqa: E402
 
-NATIVE_DIR = "src/activepath/native"
+NATIVE_DIR = "src/activepath/kernels/cpu"
 
 
 def build_revision(rev: str, out_dir: Path) -> ctypes.CDLL:
-    """The native library as ``rev`` had it, compiled like activepath.native compiles this tree's."""
+    """The native library as ``rev`` had it, compiled like activepath.kernels.cpu compiles this tree's."""
     root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
                                check=True).stdout.strip())
     names = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{NATIVE_DIR}/"], cwd=root, capture_output=True,
@@ -62,7 +62,7 @@ def build_revision(rev: str, out_dir: Path) -> ctypes.CDLL:
     if not sources:
         raise SystemExit(f"{rev} has no C++ sources under {NATIVE_DIR}")
     target = out_dir / "base.so"
-    compiler = os.environ.get("CXX") or shutil.which("g++") or "c++"  # as activepath.native picks it
+    compiler = os.environ.get("CXX") or shutil.which("g++") or "c++"  # as activepath.kernels.cpu picks it
     subprocess.run([compiler, *native._FLAGS, *sources, "-o", str(target)], check=True, timeout=300)
     lib = ctypes.CDLL(str(target))
     native._declare(lib)

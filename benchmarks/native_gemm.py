@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from activepath import native
+from activepath.kernels import cpu as native
 
 SHAPES = {"gate_up": (1536, 2048), "down": (2048, 768)}
 

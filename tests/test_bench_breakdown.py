@@ -10,7 +10,7 @@ import activepath
 from activepath.bench.breakdown import COMPONENTS, ComponentClock, measure_breakdown
 from activepath.bench.build import moe_blocks
 from activepath.bench.timing import Clock
-from activepath.integrate import moe_layers
+from activepath.api import moe_layers
 
 from families import FAMILIES, tiny_model
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from activepath import ExpertWeights, ActivationConfig, Router, RouterConfig, SparseMoE
-from activepath.capacity import CapacityConfig, apply_capacity, expert_capacity
-from activepath.routing import RoutingResult, route
+from activepath.moe.capacity import CapacityConfig, apply_capacity, expert_capacity
+from activepath.moe.routing import RoutingResult, route
 
 H, E = 16, 6
 

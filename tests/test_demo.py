@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import activepath.demo
+import activepath.cli.demo
 from activepath.cli import main
 
 
@@ -24,7 +24,7 @@ def test_demo_reports_and_agrees(capsys, tmp_path):
 
 
 def test_demo_fails_when_outputs_disagree(capsys, monkeypatch):
-    real_load = activepath.demo.load
+    real_load = activepath.cli.demo.load
 
     def broken_load(*args, **kwargs):
         model = real_load(*args, **kwargs)
@@ -32,7 +32,7 @@ def test_demo_fails_when_outputs_disagree(capsys, monkeypatch):
             layer.experts.w_down.data.mul_(-3.0)  # a wrong expert computation
         return model
 
-    monkeypatch.setattr(activepath.demo, "load", broken_load)
+    monkeypatch.setattr(activepath.cli.demo, "load", broken_load)
     assert main(["demo", "--new-tokens", "12", "--repeats", "1"]) == 1
     assert "NO — token ids differ" in capsys.readouterr().out
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import activepath
-from activepath import routing_stats
+from activepath.analysis import routing_stats
 from activepath.models import embedded_path
 
 MODEL_DIR = embedded_path("tiny")

@@ -22,7 +22,9 @@ from activepath import (
     plan_dispatch,
     register_backend,
 )
-from activepath import dispatch, native, triton_moe
+from activepath.moe import dispatch
+from activepath.kernels import cpu as native
+from activepath.kernels.triton import moe as triton_moe
 from activepath.tolerances import tolerance, triton_tolerance
 from oracle import _act, moe_oracle
 
@@ -346,7 +348,7 @@ def test_a_backend_that_fuses_the_combine(monkeypatch: pytest.MonkeyPatch) -> No
         calls.append(tuple(topk_weights_TK.shape))
         return combine(get_backend("reference")(weights, x_TH, plan), plan, topk_weights_TK)
 
-    from activepath import experts
+    from activepath.moe import experts
 
     # registered into copies of the registry, so no other test sees it
     monkeypatch.setattr(experts, "_BACKENDS", dict(experts._BACKENDS))
@@ -369,7 +371,7 @@ def test_accelerator_combine_is_a_deterministic_gather_sum(tokens: int) -> None:
     # capacity-dropped slots included; on the meta device the path runs end to end.
     import importlib
 
-    combine_mod = importlib.import_module("activepath.combine")  # the module (the package exports the function)
+    combine_mod = importlib.import_module("activepath.moe.combine")  # the module (the package exports the function)
 
     gen = torch.Generator().manual_seed(tokens)
     ids_TK = torch.randint(0, E, (tokens, 3), generator=gen)
@@ -392,7 +394,7 @@ def test_grouped_off_the_cpu_reads_no_counts_back() -> None:
     # device, and the combine gathers by the plan's positions: no read of the counts (a
     # sync there). The meta device runs that path end to end (bf16, as CUDA requires) and
     # would fail on any read of a value.
-    from activepath import experts as experts_mod
+    from activepath.moe import experts as experts_mod
 
     gen = torch.Generator().manual_seed(0)
     ids_TK = torch.rand(7, E, generator=gen).topk(K, dim=1).indices
@@ -409,7 +411,7 @@ def test_grouped_off_the_cpu_reads_no_counts_back() -> None:
 def test_int8_experts_pass_input_gradients() -> None:
     # Int8 weights take no gradient, but the input does, through the dequantized weights:
     # the native int8 kernel (no backward) steps aside in grad mode, as the loop does.
-    from activepath.quantize import Int8ExpertWeights
+    from activepath.moe.weights_int8 import Int8ExpertWeights
 
     grads = {}
     for backend in ("grouped", "grouped_loop"):

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import activepath
-from activepath import native
-from activepath.linears import Int8Linear, patch_linears, quantize_linears, unpatch_linears
-from activepath.native import int8 as native_int8
+from activepath.kernels import cpu as native
+from activepath.dense.linears import Int8Linear, patch_linears, quantize_linears, unpatch_linears
+from activepath.kernels.cpu import int8 as native_int8
 from activepath.tolerances import INT8_WEIGHT_ONLY_LAYER_RTOL
 from families import tiny_model
 from test_families import random_ids
@@ -102,7 +102,7 @@ def test_patched_model_logits_match_transformers() -> None:
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 def test_patched_bf16_linear_close_to_blas_and_blas_above_the_row_limit() -> None:
-    from activepath.linears import LINEAR_MAX_ROWS_BF16
+    from activepath.dense.linears import LINEAR_MAX_ROWS_BF16
 
     layer = nn.Linear(300, 700).bfloat16()
     x = torch.randn(3, 300).bfloat16()

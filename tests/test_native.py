@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from activepath import ActivationConfig, ExpertWeights, native, plan_dispatch
-from activepath.experts import NATIVE_MAX_ROWS, get_backend, reference_experts
-from activepath.linears import patch_linears
+from activepath import ActivationConfig, ExpertWeights, plan_dispatch
+from activepath.kernels import cpu as native
+from activepath.moe.experts import NATIVE_MAX_ROWS, get_backend, reference_experts
+from activepath.dense.linears import patch_linears
 from activepath.tolerances import tolerance
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
@@ -203,7 +204,7 @@ def test_linear_patch_matches_nn_linear_and_respects_grad() -> None:
 def test_linear_patch_panel_path_for_many_rows_of_a_wide_layer() -> None:
     # 40 rows of a layer with >= PANEL_MIN_OUT_FEATURES outputs take the panel kernel; 3 rows
     # and the narrow layer keep the dot kernel, which is batch-invariant.
-    from activepath.linears import PANEL_MIN_OUT_FEATURES
+    from activepath.dense.linears import PANEL_MIN_OUT_FEATURES
 
     model = torch.nn.Sequential(torch.nn.Linear(70, PANEL_MIN_OUT_FEATURES + 5), torch.nn.Linear(70, 9))
     assert patch_linears(model, min_weight_bytes=0) == 2
@@ -238,7 +239,7 @@ def test_set_enabled_turns_the_kernels_off_and_on(monkeypatch: pytest.MonkeyPatc
 
 def test_disabled_by_environment_falls_back() -> None:
     code = (
-        "import torch; from activepath import native; from activepath.experts import get_backend;"
+        "import torch; from activepath.kernels import cpu as native; from activepath.moe.experts import get_backend;"
         "assert not native.available() and 'ACTIVEPATH_NATIVE' in native.unavailable_reason();"
         "print('ok')"
     )
@@ -297,7 +298,7 @@ def test_plan_and_combine_match_torch_bitwise(tokens: int, k: int, experts: int)
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 def test_combine_widens_bf16_exactly(out_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
     # bf16 expert outputs / routing weights: the same bits as the torch path, which widens
-    # them to fp32 before the products (and through activepath.combine, cast back).
+    # them to fp32 before the products (and through activepath.moe.combine, cast back).
     from activepath import combine, plan_dispatch as plan_of
 
     gen = torch.Generator().manual_seed(5)
@@ -330,7 +331,8 @@ def test_failed_build_falls_back_with_a_warning(tmp_path) -> None:
     # A compiler that always fails: the kernels report unavailable, the reason names the
     # failure, and a layer still computes (PyTorch path).
     code = (
-        "import warnings, torch; from activepath import native, Router, RouterConfig, ExpertWeights, ActivationConfig, SparseMoE\n"
+        "import warnings, torch; from activepath.kernels import cpu as native\n"
+        "from activepath import Router, RouterConfig, ExpertWeights, ActivationConfig, SparseMoE\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    assert not native.available()\n"

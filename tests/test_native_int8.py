@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import activepath
-from activepath import native
-from activepath.native import int8 as native_int8
-from activepath.native.int8 import grouped_nk_gemm_i8, linear_i8, quantize_rows
-from activepath.quantize import Int8ExpertWeights
+from activepath.kernels import cpu as native
+from activepath.kernels.cpu import int8 as native_int8
+from activepath.kernels.cpu.int8 import grouped_nk_gemm_i8, linear_i8, quantize_rows
+from activepath.moe.weights_int8 import Int8ExpertWeights
 from activepath.tolerances import (
     INT8_LAYER_RTOL,
     INT8_WEIGHT_ONLY_LOGITS_MEAN_RTOL,
@@ -270,7 +270,7 @@ def _segments_and_x(seed: int = 4) -> tuple[list[tuple[int, int, int]], torch.Te
 
 
 def _dequantized_reference(weights: Int8ExpertWeights, x_SH: torch.Tensor, segments) -> torch.Tensor:
-    from activepath.experts import gated_activation
+    from activepath.moe.experts import gated_activation
 
     out = torch.zeros(x_SH.shape, dtype=torch.float64)
     for e, lo, hi in segments:
@@ -351,7 +351,7 @@ def test_autograd_flows_through_dequantized_weights() -> None:
     weights.mlp(x_SH, 2).sum().backward()
     x_ref = x_SH.detach().clone().requires_grad_()
     w_gu, w_dn = weights.matrices(2)
-    from activepath.experts import gated_activation
+    from activepath.moe.experts import gated_activation
 
     (gated_activation(weights.activation, x_ref @ w_gu.T) @ w_dn.T).sum().backward()
     torch.testing.assert_close(x_SH.grad, x_ref.grad)
@@ -383,7 +383,7 @@ def test_weight_only_top1_agreement_on_embedded_model(domain: str, which: str, e
     from transformers import AutoTokenizer
 
     from activepath.models import embedded_path
-    from activepath.routing_stats import windows
+    from activepath.analysis.routing_stats import windows
 
     directory = embedded_path("tiny")
     text = (directory / f"eval_{domain}.txt").read_text()

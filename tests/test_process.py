@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from activepath.process import MAX_MMAP_THRESHOLD_BYTES, AllocatorConfig, AllocatorState, frozen_gc, tune_allocator
+from activepath.runtime.process import MAX_MMAP_THRESHOLD_BYTES, AllocatorConfig, AllocatorState, frozen_gc, tune_allocator
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's"
@@ -26,7 +26,7 @@ glibc_only = pytest.mark.skipif(
 # 2,048 on CI) before it reaches its high-water mark and stops faulting for good.
 _CHILD = """
 import json, resource, sys, torch
-from activepath.process import AllocatorConfig, tune_allocator
+from activepath.runtime.process import AllocatorConfig, tune_allocator
 threshold, rounds, settle = map(int, sys.argv[1:])
 state = tune_allocator(AllocatorConfig(mmap_threshold_bytes=threshold))
 faults = []
@@ -175,7 +175,7 @@ def test_a_full_collection_skips_frozen_objects():
 
 
 def test_the_malloc_option_of_the_commands():
-    from activepath.process import apply_malloc_option
+    from activepath.runtime.process import apply_malloc_option
 
     assert apply_malloc_option("default") == AllocatorState(False, "--malloc default")
     with pytest.raises(ValueError, match="--malloc must be one of \\('tuned', 'default'\\), got 'fast'"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import activepath
-from activepath.quantize import Int8ExpertWeights
-from activepath.native import int8 as native_int8
+from activepath.moe.weights_int8 import Int8ExpertWeights
+from activepath.kernels.cpu import int8 as native_int8
 from activepath.tolerances import INT8_LAYER_RTOL, INT8_LOGITS_MEAN_RTOL, INT8_WEIGHT_ONLY_LAYER_RTOL
 from families import FAMILIES, tiny_model
 from oracle import moe_oracle
@@ -67,7 +67,7 @@ def test_int8_top1_agreement_on_embedded_model(domain: str) -> None:
     from transformers import AutoTokenizer
 
     from activepath.models import embedded_path
-    from activepath.routing_stats import windows
+    from activepath.analysis.routing_stats import windows
     from activepath.tolerances import INT8_TOP1_AGREEMENT
 
     directory = embedded_path("tiny")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import activepath
-from activepath.capacity import CapacityConfig
+from activepath.moe.capacity import CapacityConfig
 from activepath.serving.engine import Engine, EngineConfig
 from activepath.serving.metrics import ServingMetrics
 from activepath.serving.runner import ModelRunner, RunnerConfig

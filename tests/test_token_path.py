@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import activepath
-from activepath import ActivationConfig, ExpertWeights, Router, RouterConfig, SparseMoE, native
-from activepath.capacity import CapacityConfig
-from activepath.native import token as native_token
-from activepath.quantize import Int8ExpertWeights
+from activepath import ActivationConfig, ExpertWeights, Router, RouterConfig, SparseMoE
+from activepath.kernels import cpu as native
+from activepath.moe.capacity import CapacityConfig
+from activepath.kernels.cpu import token as native_token
+from activepath.moe.weights_int8 import Int8ExpertWeights
 from families import tiny_model
 from test_layer import H, make_layer
 

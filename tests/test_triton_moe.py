@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import activepath
-from activepath import ActivationConfig, ExpertWeights, combine, fuses_combine, plan_dispatch, triton_moe
+from activepath import ActivationConfig, ExpertWeights, combine, fuses_combine, plan_dispatch
+from activepath.kernels.triton import moe as triton_moe
 from activepath.tolerances import MODEL_LOGITS_ATOL_FP32, triton_tolerance
 from families import tiny_model
 from oracle import moe_oracle
@@ -25,7 +26,7 @@ if not triton_moe.interpreting():
 import triton  # noqa: E402  (after the skip: triton may be absent)
 import triton.language as tl  # noqa: E402
 
-from activepath import triton_kernels  # noqa: E402
+from activepath.kernels.triton import kernels as triton_kernels  # noqa: E402
 
 
 @triton.jit
@@ -206,7 +207,7 @@ def test_kernels_compile_for_the_gpu(arch: int) -> None:
     # What the interpreter cannot check: the compiled-mode rules, lowering to PTX and cubin
     # for Ampere / Hopper, and tensor cores for the half-precision GEMMs. Triton fixes its
     # mode at import, so this runs in a process of its own with the interpreter off.
-    script = ("import json, sys; from activepath import triton_moe; "
+    script = ("import json, sys; from activepath.kernels.triton import moe as triton_moe; "
               f"ptx = triton_moe.compile_kernels({arch}); "
               "json.dump({k: ('mma' in v, len(v)) for k, v in ptx.items()}, sys.stdout)")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -222,7 +223,7 @@ def test_kernels_compile_for_the_gpu(arch: int) -> None:
 def test_other_tiles_are_one_registration_away(monkeypatch: pytest.MonkeyPatch) -> None:
     import functools
 
-    from activepath import experts
+    from activepath.moe import experts
 
     monkeypatch.setattr(experts, "_BACKENDS", dict(experts._BACKENDS))
     monkeypatch.setattr(experts, "_FUSES_COMBINE", set(experts._FUSES_COMBINE))
@@ -241,7 +242,7 @@ def test_runs_from_the_device_plan_without_reading_counts_back() -> None:
     # CPU tensors: the same result as from the CPU plan, and the backend never reads the
     # per-expert counts back to the host (off the CPU that read would be a sync, and would
     # make the layer impossible to capture in a CUDA graph).
-    from activepath import dispatch
+    from activepath.moe import dispatch
 
     weights, x_TH = _weights(biases=True), torch.randn(19, H)
     ids_TK, w_TK = _routing(19, 3, seed=8, experts=(0, 1, 3, 5))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from activepath import optimize
-from activepath.experts import backend_names, uses_workspace
-from activepath.integrate import moe_layers
-from activepath.workspace import MIN_REUSE_BYTES, Workspace
+from activepath.moe.experts import backend_names, uses_workspace
+from activepath.api import moe_layers
+from activepath.runtime.workspace import MIN_REUSE_BYTES, Workspace
 
 from families import FAMILIES, tiny_model
 
@@ -86,7 +86,7 @@ def test_layers_give_the_same_bits_with_and_without_a_workspace(family: str, bac
         return out[0] if isinstance(out, tuple) else out  # GPT-OSS also returns router scores
 
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr("activepath.workspace.MIN_REUSE_BYTES", 0)
+        mp.setattr("activepath.runtime.workspace.MIN_REUSE_BYTES", 0)
         with_ws = [run(), run()]
         held = layers[0].workspace.nbytes
         run()

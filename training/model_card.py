@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import activepath
-from activepath import routing_stats
+from activepath.analysis import routing_stats
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "src" / "activepath" / "models" / "tiny"
 DOMAINS = ("prose", "code", "shifted")

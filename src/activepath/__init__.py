@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .adapters import OptimizeOptions, supported_model_types
-from .combine import combine
-from .dispatch import DispatchPlan, plan_dispatch
-from .experts import (
+from activepath.adapters import OptimizeOptions, supported_model_types
+from activepath.moe.combine import combine
+from activepath.moe.dispatch import DispatchPlan, plan_dispatch
+from activepath.moe.experts import (
     ActivationConfig,
     ExpertWeights,
     backend_names,
@@ -14,10 +14,10 @@ from .experts import (
     is_batch_invariant,
     register_backend,
 )
-from .integrate import load, moe_layers, optimize
-from .layer import MoEStats, SharedExperts, SparseMoE
-from .process import AllocatorConfig, AllocatorState, freeze_loaded_objects, frozen_gc, tune_allocator
-from .routing import Router, RouterConfig, RoutingResult, route
+from activepath.api import load, moe_layers, optimize
+from activepath.moe.layer import MoEStats, SharedExperts, SparseMoE
+from activepath.runtime.process import AllocatorConfig, AllocatorState, freeze_loaded_objects, frozen_gc, tune_allocator
+from activepath.moe.routing import Router, RouterConfig, RoutingResult, route
 
 __version__ = "0.1.0"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import deepseek_v2, deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
-from .base import FamilyAdapter, OptimizeOptions
+from activepath.adapters import deepseek_v2, deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from activepath.adapters.base import FamilyAdapter, OptimizeOptions
 
 ADAPTERS: dict[str, FamilyAdapter] = {
     m.ADAPTER.model_type: m.ADAPTER for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2, gpt_oss)

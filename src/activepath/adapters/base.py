@@ -12,22 +12,22 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .._common import check_choice, check_positive_int
-from ..experts import ActivationConfig, ExpertWeights, get_backend
-from ..layer import SparseMoE
-from ..quantize import quantize_experts
-from ..routing import RouterConfig
+from activepath.validation import check_choice, check_positive_int
+from activepath.moe.experts import ActivationConfig, ExpertWeights, get_backend
+from activepath.moe.layer import SparseMoE
+from activepath.moe.weights_int8 import quantize_experts
+from activepath.moe.routing import RouterConfig
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizeOptions:
     """Options of ``activepath.optimize``.
 
-    backend: experts backend name (see ``activepath.experts.backend_names()``).
+    backend: experts backend name (see ``activepath.moe.experts.backend_names()``).
     collect_stats: record per-call ``MoEStats`` on every layer (costs a few timer calls).
     top_k: override the model's experts per token (fewer = faster, less exact); None keeps it.
     expert_dtype: "native" keeps the model's expert weights; "int8" packs them per output
-    channel (see ``activepath.quantize``).
+    channel (see ``activepath.moe.weights_int8``).
     """
 
     backend: str = "grouped"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layer import SharedExperts, SparseMoE
-from ..routing import Router, RouterConfig
-from .base import FamilyAdapter, OptimizeOptions, finish, stacked_experts
+from activepath.moe.layer import SharedExperts, SparseMoE
+from activepath.moe.routing import Router, RouterConfig
+from activepath.adapters.base import FamilyAdapter, OptimizeOptions, finish, stacked_experts
 
 
 def convert(block: nn.Module, config: object, options: OptimizeOptions) -> nn.Module:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..experts import ActivationConfig, ExpertWeights
-from ..layer import SparseMoE
-from ..routing import Router, RouterConfig
-from .base import FamilyAdapter, OptimizeOptions, finish
+from activepath.moe.experts import ActivationConfig, ExpertWeights
+from activepath.moe.layer import SparseMoE
+from activepath.moe.routing import Router, RouterConfig
+from activepath.adapters.base import FamilyAdapter, OptimizeOptions, finish
 
 
 class GptOssSparseMoE(SparseMoE):

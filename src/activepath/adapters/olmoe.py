@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layer import SparseMoE
-from ..routing import Router
-from .base import FamilyAdapter, OptimizeOptions, finish, softmax_router_config, stacked_experts
+from activepath.moe.layer import SparseMoE
+from activepath.moe.routing import Router
+from activepath.adapters.base import FamilyAdapter, OptimizeOptions, finish, softmax_router_config, stacked_experts
 
 
 def convert(block: nn.Module, config: object, options: OptimizeOptions) -> nn.Module:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._common import check_positive_int
+from activepath.validation import check_positive_int
 
 
 @dataclass(frozen=True, kw_only=True)

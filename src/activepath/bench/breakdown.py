@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layer import SparseMoE
-from .timing import Clock
+from activepath.moe.layer import SparseMoE
+from activepath.bench.timing import Clock
 
 # In report order. Not every component applies to every impl or model (0.0 where not).
 COMPONENTS = ("attention", "router", "dispatch", "experts", "combine", "shared_experts", "moe_glue", "dense_mlp",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from ..adapters import adapter_for
+from activepath.adapters import adapter_for
 
 log = logging.getLogger(__name__)
 

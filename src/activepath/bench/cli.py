@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:
-    from .shapes import SHAPES
+    from activepath.bench.shapes import SHAPES
 
     p.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model shape preset (default: tiny)")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
@@ -89,8 +89,8 @@ def _generate_options(p: argparse.ArgumentParser, impl_flag: str) -> None:
 
 
 def _run(args: argparse.Namespace, kind: str, parser: argparse.ArgumentParser) -> int:
-    from .machine import environment
-    from .report import bench_document, render_markdown, write_reports
+    from activepath.bench.machine import environment
+    from activepath.bench.report import bench_document, render_markdown, write_reports
 
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace, kind: str, parser: argparse.ArgumentParser) -
     prefix = Path(args.out) if args.out else Path("bench_results") / f"{kind}_{_label(args)}_{args.dtype}"
     paths = write_reports(doc, prefix)
     if args.plot:
-        from .plots import write_plots
+        from activepath.bench.plots import write_plots
 
         paths += write_plots(doc, prefix)
     print(render_markdown(doc))
@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace, kind: str, parser: argparse.ArgumentParser) -
 
 
 def _roofline(args: argparse.Namespace, dtype: torch.dtype, env: dict[str, Any]) -> object | None:
-    from .roofline import RooflineConfig, measure_roofline
+    from activepath.bench.roofline import RooflineConfig, measure_roofline
 
     if args.no_roofline:
         return None
@@ -129,15 +129,15 @@ def _roofline(args: argparse.Namespace, dtype: torch.dtype, env: dict[str, Any])
 
 
 def _bandwidth_at_end(roofline: Any, device: str) -> float | None:
-    from .roofline import remeasure_bandwidth
+    from activepath.bench.roofline import remeasure_bandwidth
 
     return None if roofline is None else remeasure_bandwidth(roofline, device)
 
 
 def _layer(args: argparse.Namespace, dtype: torch.dtype, env: dict[str, Any], roofline: Any) -> object:
-    from .layer_bench import LayerBenchConfig, run_layer_bench
-    from .shapes import get_shape
-    from .timing import TimingPlan
+    from activepath.bench.layer_bench import LayerBenchConfig, run_layer_bench
+    from activepath.bench.shapes import get_shape
+    from activepath.bench.timing import TimingPlan
 
     config = LayerBenchConfig(
         tokens=_ints(args.tokens, "--tokens"), impls=_names(args.layer_impl),
@@ -151,7 +151,7 @@ def _layer(args: argparse.Namespace, dtype: torch.dtype, env: dict[str, Any], ro
 
 
 def _generate(args: argparse.Namespace, dtype: torch.dtype, roofline: Any) -> object:
-    from .generate_bench import GenerateConfig, run_generate_bench
+    from activepath.bench.generate_bench import GenerateConfig, run_generate_bench
 
     config = GenerateConfig(prompt=args.prompt, new=args.new, batch=args.batch, impls=_names(args.generate_impl),
                             repeats=args.repeats, watts_per_core=args.watts_per_core, backend=args.backend,
@@ -165,13 +165,13 @@ def _generate(args: argparse.Namespace, dtype: torch.dtype, roofline: Any) -> ob
 
 
 def _load_model(args: argparse.Namespace, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
-    from .build import build_model
-    from .shapes import get_shape, hf_config
+    from activepath.bench.build import build_model
+    from activepath.bench.shapes import get_shape, hf_config
 
     if getattr(args, "model", None):
         from transformers import AutoModelForCausalLM
 
-        from ..models import embedded_path
+        from activepath.models import embedded_path
 
         directory = embedded_path(args.model) or Path(args.model)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)

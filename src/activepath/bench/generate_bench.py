@@ -21,16 +21,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .._common import check_choice, check_positive_int
-from ..integrate import moe_layers, optimize
-from ..linears import Int8Linear, unpatch_linears
-from ..process import frozen_gc
-from .arith import ExpertLoad, distinct_experts, expert_load, percent_of
-from .breakdown import TimeBreakdown, mean_breakdown, measure_breakdown
-from .build import moe_blocks
-from .energy import EnergyMeter
-from .roofline import Roofline, remeasure_bandwidth
-from .timing import Clock, Summary, progress_bar, summarize
+from activepath.validation import check_choice, check_positive_int
+from activepath.api import moe_layers, optimize
+from activepath.dense.linears import Int8Linear, unpatch_linears
+from activepath.runtime.process import frozen_gc
+from activepath.bench.arith import ExpertLoad, distinct_experts, expert_load, percent_of
+from activepath.bench.breakdown import TimeBreakdown, mean_breakdown, measure_breakdown
+from activepath.bench.build import moe_blocks
+from activepath.bench.energy import EnergyMeter
+from activepath.bench.roofline import Roofline, remeasure_bandwidth
+from activepath.bench.timing import Clock, Summary, progress_bar, summarize
 
 log = logging.getLogger(__name__)
 

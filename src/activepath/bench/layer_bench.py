@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._common import check_choice, check_positive_int
-from ..adapters import OptimizeOptions, adapter_for
-from ..combine import combine
-from ..dispatch import plan_dispatch
-from ..experts import fuses_combine, get_backend
-from ..layer import SparseMoE
-from .arith import ExpertLoad, MoEGeometry, distinct_experts, expert_load, moe_flops, percent_of, weight_bytes
-from .build import build_model, moe_blocks
-from .roofline import Roofline
-from .shapes import ModelShape, hf_config
-from .timing import Clock, Summary, TimingPlan, progress_bar, summarize, time_calls
+from activepath.validation import check_choice, check_positive_int
+from activepath.adapters import OptimizeOptions, adapter_for
+from activepath.moe.combine import combine
+from activepath.moe.dispatch import plan_dispatch
+from activepath.moe.experts import fuses_combine, get_backend
+from activepath.moe.layer import SparseMoE
+from activepath.bench.arith import ExpertLoad, MoEGeometry, distinct_experts, expert_load, moe_flops, percent_of, weight_bytes
+from activepath.bench.build import build_model, moe_blocks
+from activepath.bench.roofline import Roofline
+from activepath.bench.shapes import ModelShape, hf_config
+from activepath.bench.timing import Clock, Summary, TimingPlan, progress_bar, summarize, time_calls
 
 log = logging.getLogger(__name__)
 

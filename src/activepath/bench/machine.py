@@ -48,7 +48,7 @@ def cpu_model() -> str:
 def versions() -> dict[str, str]:
     import transformers
 
-    from .. import __version__
+    from activepath import __version__
 
     found = {"python": platform.python_version(), "torch": torch.__version__,
              "transformers": transformers.__version__, "activepath": __version__}

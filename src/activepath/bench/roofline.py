@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._common import check_positive_int
-from .timing import Clock
+from activepath.validation import check_positive_int
+from activepath.bench.timing import Clock
 
 log = logging.getLogger(__name__)
 

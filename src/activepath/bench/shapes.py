@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from .._common import check_choice, check_positive_int
+from activepath.validation import check_choice, check_positive_int
 
 Family = str  # a transformers model_type this registry knows how to configure
 

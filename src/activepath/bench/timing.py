@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..process import frozen_gc
+from activepath.runtime.process import frozen_gc
 
 
 @dataclass(frozen=True, kw_only=True)

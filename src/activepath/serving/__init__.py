@@ -4,6 +4,6 @@ server with Prometheus metrics. See docs/serving.md."""
 
 from __future__ import annotations
 
-from .scheduler import QueueFull, Scheduler, SchedulerConfig, StepPlan
+from activepath.serving.scheduler import QueueFull, Scheduler, SchedulerConfig, StepPlan
 
 __all__ = ["QueueFull", "Scheduler", "SchedulerConfig", "StepPlan"]

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..capacity import CapacityConfig
-from ..integrate import moe_layers
-from .metrics import ServingMetrics
-from .runner import ModelRunner, RunnerConfig, StepOutput
-from .scheduler import Scheduler, SchedulerConfig, StepPlan, TokenEvent
+from activepath.moe.capacity import CapacityConfig
+from activepath.api import moe_layers
+from activepath.serving.metrics import ServingMetrics
+from activepath.serving.runner import ModelRunner, RunnerConfig, StepOutput
+from activepath.serving.scheduler import Scheduler, SchedulerConfig, StepPlan, TokenEvent
 
 log = logging.getLogger(__name__)
 

@@ -149,7 +149,7 @@ async def _closed_loop(client: Any, cfg: LoadTestConfig, model: str, records: li
 
 
 def summarize(cfg: LoadTestConfig, records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
-    from ..bench.timing import percentile
+    from activepath.bench.timing import percentile
 
     done = [r for r in records if r.complete]
     rejected = [r for r in records if r.status == 503]

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from .. import native
-from ..integrate import moe_layers
-from ..layer import SparseMoE
-from ..routing import RoutingResult, router_logits_batch_invariant
-from .scheduler import StepPlan
+from activepath.kernels import cpu as native
+from activepath.api import moe_layers
+from activepath.moe.layer import SparseMoE
+from activepath.moe.routing import RoutingResult, router_logits_batch_invariant
+from activepath.serving.scheduler import StepPlan
 
 ATTENTION_NAME = "activepath_packed"
 _WIDTH_BUCKET = 64  # attended width rounds up to this, so shapes (and kernels) change rarely

@@ -36,14 +36,14 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from transformers import AutoTokenizer
 
-    from ..capacity import CapacityConfig
-    from ..integrate import load
-    from ..models import embedded_path
-    from ..process import freeze_loaded_objects
-    from .engine import Engine, EngineConfig
-    from .metrics import ServingMetrics
-    from .scheduler import SchedulerConfig
-    from .server import build_app, served_name
+    from activepath.moe.capacity import CapacityConfig
+    from activepath.api import load
+    from activepath.models import embedded_path
+    from activepath.runtime.process import freeze_loaded_objects
+    from activepath.serving.engine import Engine, EngineConfig
+    from activepath.serving.metrics import ServingMetrics
+    from activepath.serving.scheduler import SchedulerConfig
+    from activepath.serving.server import build_app, served_name
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -20,10 +20,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .engine import Engine, EngineError
-from .metrics import CONTENT_TYPE, ServingMetrics
-from .protocol import CompletionRequest, RequestError, completion_chunk, context_error, parse_completion
-from .scheduler import QueueFull, TokenEvent
+from activepath.serving.engine import Engine, EngineError
+from activepath.serving.metrics import CONTENT_TYPE, ServingMetrics
+from activepath.serving.protocol import CompletionRequest, RequestError, completion_chunk, context_error, parse_completion
+from activepath.serving.scheduler import QueueFull, TokenEvent
 
 log = logging.getLogger(__name__)
 _DISCONNECT_POLL_S = 0.5

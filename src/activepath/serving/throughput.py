@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ..process import MALLOC_CHOICES, apply_malloc_option
-from .loadtest import PROMPTS
+from activepath.runtime.process import MALLOC_CHOICES, apply_malloc_option
+from activepath.serving.loadtest import PROMPTS
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def sequential_generate(model: Any, prompts: list[list[int]], max_tokens: int) -
 def engine_concurrent(model: Any, prompts: list[list[int]], max_tokens: int, *, exact: bool,
                       max_len: int) -> tuple[float, list[list[int]]]:
     """Seconds for the engine to finish all prompts submitted at once (one slot each)."""
-    from .engine import Engine, EngineConfig
-    from .scheduler import SchedulerConfig
+    from activepath.serving.engine import Engine, EngineConfig
+    from activepath.serving.scheduler import SchedulerConfig
 
     config = EngineConfig(scheduler=SchedulerConfig(max_batch_size=len(prompts), max_len=max_len), exact=exact)
     engine = Engine(model, config).start()
@@ -87,9 +87,9 @@ def transformers_continuous(model: Any, prompts: list[list[int]], max_tokens: in
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..bench.machine import cpu_model, versions
-    from ..integrate import load
-    from ..models import embedded_path
+    from activepath.bench.machine import cpu_model, versions
+    from activepath.api import load
+    from activepath.models import embedded_path
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

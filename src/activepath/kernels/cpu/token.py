@@ -1,6 +1,6 @@
 """One token through a whole MoE layer in two native calls around the activation
 (``moe_glue.cpp``: ``ap_token_route_gate_up[_i8]``, ``ap_token_down_combine[_i8]``), for
-``activepath.token_path``.
+``activepath.moe.decode_path``.
 
 At decode (one token) the layer's Python around its native calls costs ~300 us per layer
 on caches the expert weights just flushed: building the plan's segments, gathering the
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import M_BLOCK, N_BLOCK, _call, _threads_for
-from .int8 import M_BLOCK_I8, N_BLOCK_I8
+from activepath.kernels.cpu import M_BLOCK, N_BLOCK, _call, _threads_for
+from activepath.kernels.cpu.int8 import M_BLOCK_I8, N_BLOCK_I8
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .native import int8 as native_int8
+from activepath.kernels import cpu as native
+from activepath.kernels.cpu import int8 as native_int8
 
 # Up to this many rows the native kernels measured faster than BLAS (see NATIVE_MAX_ROWS
 # and NATIVE_MAX_ROWS_BF16 in experts.py). fp32, Qwen3-30B-A3B attention shapes at 16-256

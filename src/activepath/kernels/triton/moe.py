@@ -46,8 +46,8 @@ from types import ModuleType
 
 import torch
 
-from .dispatch import DispatchPlan
-from .experts import ExpertWeights
+from activepath.moe.dispatch import DispatchPlan
+from activepath.moe.experts import ExpertWeights
 
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "clamped_swiglu": 3}  # kind → triton_kernels' ACT constant
 
@@ -261,7 +261,7 @@ def plan_on_device(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan 
 
 def _kernels() -> ModuleType:
     """The kernels; importing them imports triton, which only a call to this backend does."""
-    from . import triton_kernels
+    from activepath.kernels.triton import kernels as triton_kernels
 
     return triton_kernels
 

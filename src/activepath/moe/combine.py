@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import native
-from .dispatch import DispatchPlan
+from activepath.kernels import cpu as native
+from activepath.moe.dispatch import DispatchPlan
 
 
 def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: torch.Tensor) -> torch.Tensor:

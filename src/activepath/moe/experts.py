@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from ._common import as_parameter
-from ._common import check_choice
-from .dispatch import DispatchPlan
-from .workspace import FRESH, Workspace
+from activepath.kernels import cpu as native
+from activepath.validation import as_parameter
+from activepath.validation import check_choice
+from activepath.moe.dispatch import DispatchPlan
+from activepath.runtime.workspace import FRESH, Workspace
 
 ActivationKind = Literal["silu", "gelu", "gelu_tanh", "clamped_swiglu"]
 _HF_ACTIVATIONS: dict[str, ActivationKind] = {
@@ -451,7 +451,7 @@ register_backend("native", native_experts, batch_invariant=True, uses_workspace=
 def _triton_experts(weights: ExpertWeights, x_TH: torch.Tensor, plan: DispatchPlan, *,
                     topk_weights_TK: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Fused Triton kernels (``triton_moe``), imported on first use: triton is optional."""
-    from .triton_moe import triton_experts
+    from activepath.kernels.triton.moe import triton_experts
 
     return triton_experts(weights, x_TH, plan, topk_weights_TK=topk_weights_TK)
 

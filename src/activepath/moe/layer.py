@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import token_path
-from .capacity import CapacityConfig, apply_capacity
-from .combine import combine
-from .dispatch import DispatchPlan, plan_dispatch
-from .experts import (
+from activepath.moe import decode_path as token_path
+from activepath.moe.capacity import CapacityConfig, apply_capacity
+from activepath.moe.combine import combine
+from activepath.moe.dispatch import DispatchPlan, plan_dispatch
+from activepath.moe.experts import (
     DIFFERENTIABLE_FALLBACK,
     ExpertWeights,
     fuses_combine,
@@ -27,8 +27,8 @@ from .experts import (
     is_differentiable,
     uses_workspace,
 )
-from .routing import Router, RoutingResult
-from .workspace import NO_LEASE, Workspace
+from activepath.moe.routing import Router, RoutingResult
+from activepath.runtime.workspace import NO_LEASE, Workspace
 
 
 @dataclass(frozen=True)

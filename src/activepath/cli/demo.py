@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import routing_stats
-from .bench.timing import percentile
-from .integrate import load, moe_layers
-from .layer import MoEStats
-from .models import embedded_path
-from .process import frozen_gc
+from activepath.analysis import routing_stats
+from activepath.bench.timing import percentile
+from activepath.api import load, moe_layers
+from activepath.moe.layer import MoEStats
+from activepath.models import embedded_path
+from activepath.runtime.process import frozen_gc
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from ._common import as_parameter
-from ._common import check_choice
-from ._common import check_positive_int
+from activepath.kernels import cpu as native
+from activepath.validation import as_parameter
+from activepath.validation import check_choice
+from activepath.validation import check_positive_int
 
 Scoring = Literal["softmax", "sigmoid"]
 Order = Literal["score_then_topk", "topk_then_softmax"]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 # ``available``: the int8 kernel lives in the one native library.
-from . import _flat_segments, _require_library, _threads_for, available  # noqa: F401
+from activepath.kernels.cpu import _flat_segments, _require_library, _threads_for, available  # noqa: F401
 
 # Weight rows per work item. An int8 row is a quarter of an fp32 row, so 4x the fp32
 # N_BLOCK reads the same 256 KiB per item (Qwen3-30B-A3B: 12 items per gate_up expert,

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import ActivationConfig, ExpertWeights, gated_activation
-from .native import int8 as native_int8
+from activepath.moe.experts import ActivationConfig, ExpertWeights, gated_activation
+from activepath.kernels.cpu import int8 as native_int8
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Buffers that stay fp32 whatever the module's dtype.

@@ -8,11 +8,11 @@ import importlib
 import logging
 import sys
 
-from .process import MALLOC_CHOICES, apply_malloc_option
+from activepath.runtime.process import MALLOC_CHOICES, apply_malloc_option
 
 # subcommand name → module that defines ``register(subparsers)``
 _SUBCOMMANDS = {
-    "demo": "activepath.demo",
+    "demo": "activepath.cli.demo",
     "bench": "activepath.bench.cli",
     "serve": "activepath.serving.serve_cmd",
     "loadtest": "activepath.serving.loadtest",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .integrate import moe_layers
+from activepath.api import moe_layers
 
 
 def windows(ids: Sequence[int], length: int) -> torch.Tensor:

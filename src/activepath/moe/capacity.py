@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ._common import check_choice
-from .routing import RoutingResult
+from activepath.validation import check_choice
+from activepath.moe.routing import RoutingResult
 
 OverflowPolicy = Literal["drop", "reroute"]
 

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from ._common import check_positive_int
+from activepath.validation import check_positive_int
 
 # Below this a fresh tensor comes from malloc's heap (no page faults), and reusing a
 # buffer would cost two tensor ops (a slice and a view) where ``torch.empty`` costs one:

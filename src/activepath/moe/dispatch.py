@@ -13,7 +13,7 @@ from functools import cached_property
 
 import torch
 
-from . import native
+from activepath.kernels import cpu as native
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _device_plan(topk_ids_TK: torch.Tensor, num_experts: int, validate: bool) ->
     if validate:
         _check_in_range(ids_S, num_experts)
     if topk_ids_TK.device.type == "cuda":
-        from . import triton_moe  # one Triton launch instead of ~10 small torch ops (host time at decode)
+        from activepath.kernels.triton import moe as triton_moe  # one Triton launch instead of ~10 small torch ops (host time at decode)
 
         plan = triton_moe.plan_on_device(topk_ids_TK, num_experts)
         if plan is not None:

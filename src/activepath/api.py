@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
-from .adapters import OptimizeOptions, adapter_for, supported_model_types
-from .layer import SparseMoE
-from .linears import patch_linears, quantize_linears
-from .models import embedded_path
-from .workspace import Workspace
+from activepath import checkpoint
+from activepath.adapters import OptimizeOptions, adapter_for, supported_model_types
+from activepath.moe.layer import SparseMoE
+from activepath.dense.linears import patch_linears, quantize_linears
+from activepath.models import embedded_path
+from activepath.runtime.workspace import Workspace
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}

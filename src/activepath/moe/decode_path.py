@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import native
-from .experts import ExpertWeights, activate_into, gated_activation
-from .native import token as native_token
-from .quantize import Int8ExpertWeights
-from .routing import Router, RoutingResult, fused_native_router_applies
+from activepath.kernels import cpu as native
+from activepath.moe.experts import ExpertWeights, activate_into, gated_activation
+from activepath.kernels.cpu import token as native_token
+from activepath.moe.weights_int8 import Int8ExpertWeights
+from activepath.moe.routing import Router, RoutingResult, fused_native_router_applies
 
 if TYPE_CHECKING:
-    from .layer import SparseMoE
+    from activepath.moe.layer import SparseMoE
 
 # Backends whose one-token path is the native dot kernel for every expert.
 BACKENDS = ("grouped", "native")

@@ -1,0 +1,1 @@
+"""Measurements over a model's routing and its language-model quality."""

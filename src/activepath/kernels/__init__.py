@@ -1,0 +1,1 @@
+"""Kernels: tensors in, tensors out. cpu/ (C++ built on first use), triton/ (GPU). Nothing here imports moe/."""

@@ -1,0 +1,1 @@
+"""Triton kernels for the GPU experts backend (checked under TRITON_INTERPRET=1 in CI)."""

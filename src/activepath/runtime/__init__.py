@@ -1,0 +1,1 @@
+"""Process settings (allocator, garbage collector) and the scratch workspace the layers reuse."""

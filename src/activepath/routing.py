@@ -243,7 +243,12 @@ def _router_logits(
 def _scores(config: RouterConfig, logits_TE: torch.Tensor) -> torch.Tensor:
     if config.scoring == "softmax":  # widened inside the softmax, as transformers does: no cast op
         return torch.softmax(logits_TE, dim=-1, dtype=_score_dtype(logits_TE))
-    return torch.sigmoid(logits_TE.to(_score_dtype(logits_TE)))
+    wide_TE = logits_TE.to(_score_dtype(logits_TE))
+    if wide_TE.dtype == torch.float64:
+        # torch's float64 CPU sigmoid rounds a row's vector tail unlike its body (torch 2.13):
+        # equal logits got unequal scores, so ties and a row's routing moved with the batch.
+        return torch.exp(-wide_TE).add_(1).reciprocal_()
+    return torch.sigmoid(wide_TE)
 
 
 def _topk(values_TN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -139,9 +139,9 @@ def test_extreme_logits_saturate_into_ties(cfg, num_tokens, pattern, dtype, use_
     # to fp32 the same way. Weights stay finite and in range.
     assume(dtype != torch.float16 or pattern["levels"] <= 1)  # fp16 cannot hold ±8128's neighbours exactly
     logits_TE = grid_logits(num_tokens, cfg.num_experts, **{**pattern, "levels": min(pattern["levels"], 127)}, step=64.0)
-    score_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     with native_kernels(use_native):
         result = route_logits(cfg, logits_TE, dtype)
+    score_dtype = torch.float64 if result.logits_TE.dtype == torch.float64 else torch.float32
     check_basic(cfg, result, num_tokens, dtype)
     expected = route_oracle(cfg, logits_TE, round_scores=score_dtype, norm_eps=1e-20)
     assert [sorted(r) for r in result.topk_ids_TK.tolist()] == [ids for ids, _ in expected]
@@ -159,3 +159,14 @@ def test_an_all_zero_token_routes_the_same_on_every_path(use_native: bool) -> No
         for dtype in (torch.float32, torch.bfloat16):
             result = route(cfg, torch.zeros(3, 16, dtype=dtype), torch.randn(16, 16).to(dtype))
             assert result.topk_ids_TK.tolist() == [[0, 1]] * 3
+
+
+def test_float64_sigmoid_routing_is_batch_invariant() -> None:
+    # Regression (found by the fuzz above, long mode): torch's float64 sigmoid gave equal
+    # logits unequal scores by their position in the vector, so an all-equal row of 18
+    # experts in 3 groups went to expert 16 alone and to another expert in a batch of 2.
+    cfg = RouterConfig(num_experts=18, top_k=1, scoring="sigmoid", n_group=3, topk_group=1)
+    x_TH = torch.full((2, 18), -1 / 16, dtype=torch.float64)
+    eye = torch.eye(18, dtype=torch.float64)
+    assert route(cfg, x_TH, eye).topk_ids_TK.tolist() == [[0], [0]]
+    assert route(cfg, x_TH[:1], eye).topk_ids_TK.tolist() == [[0]]

@@ -244,9 +244,10 @@ def _scores(config: RouterConfig, logits_TE: torch.Tensor) -> torch.Tensor:
     if config.scoring == "softmax":  # widened inside the softmax, as transformers does: no cast op
         return torch.softmax(logits_TE, dim=-1, dtype=_score_dtype(logits_TE))
     wide_TE = logits_TE.to(_score_dtype(logits_TE))
-    if wide_TE.dtype == torch.float64:
-        # torch's float64 CPU sigmoid rounds a row's vector tail unlike its body (torch 2.13):
-        # equal logits got unequal scores, so ties and a row's routing moved with the batch.
+    if wide_TE.device.type == "cpu":
+        # torch's CPU sigmoid rounds a vector's tail unlike its body (torch 2.13, fp32 and
+        # float64): equal logits got unequal scores by their place in the batch, so ties and
+        # near-ties — a row's routing — moved with the batch. Its exp is position-independent.
         return torch.exp(-wide_TE).add_(1).reciprocal_()
     return torch.sigmoid(wide_TE)
 

@@ -34,7 +34,7 @@ def capacity_cases(draw: st.DrawFn):
     return cfg, logits_TE, capacity
 
 
-@fuzz(40)
+@fuzz(80)
 @given(case=capacity_cases())
 def test_capacity_invariants_and_oracle(case) -> None:
     cfg, logits_TE, capacity = case

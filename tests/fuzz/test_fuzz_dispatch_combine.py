@@ -63,7 +63,7 @@ def check_plan(plan, ids_TK: torch.Tensor, kept_TK: torch.Tensor | None, num_exp
     assert (position_S[~kept_S] == -1).all()
 
 
-@fuzz(40)
+@fuzz(80)
 @given(case=routings(), use_native=st.booleans())
 def test_dispatch_plan_is_a_stable_grouping(case, use_native: bool) -> None:
     ids_TK, kept_TK, num_experts = case
@@ -103,7 +103,7 @@ def sequential_combine(out_sorted_SH: torch.Tensor, plan, w_TK: torch.Tensor) ->
 COMBINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@fuzz(40)
+@fuzz(60)
 @given(case=routings(), hidden=st.integers(1, 70), dtype=st.sampled_from(COMBINE_DTYPES), seed=SEEDS,
        use_native=st.booleans(), grad_mode=st.booleans())  # fmt: skip
 def test_combine_is_the_expert_order_sum(case, hidden, dtype, seed, use_native, grad_mode) -> None:

@@ -52,7 +52,7 @@ def check_order(choice_rows: list[list[float]], ids_TK: torch.Tensor) -> None:
         assert keys == sorted(keys), f"top-k order {ids} for choice values {[choice[e] for e in ids]}"
 
 
-@fuzz(40)
+@fuzz(80)
 @given(cfg=router_configs(), num_tokens=st.integers(1, 48), pattern=tie_patterns(),
        dtype=st.sampled_from(ROUTE_DTYPES), biased=st.booleans(), use_native=st.booleans())  # fmt: skip
 def test_ties_break_to_the_lower_id_like_the_oracle(cfg, num_tokens, pattern, dtype, biased, use_native) -> None:
@@ -106,7 +106,7 @@ def check_choice_valid(cfg: RouterConfig, ids: list[int], row: list[float], corr
         assert (choice[u], -u) < worst or choice[u] - worst[0] <= eps, f"expert {u} beats chosen {ids}"
 
 
-@fuzz(40)
+@fuzz(60)
 @given(cfg=router_configs(), num_tokens=st.integers(1, 64), hidden=st.integers(1, 70), seed=SEEDS,
        dtype=st.sampled_from(ROUTE_DTYPES), with_bias=st.booleans(), use_native=st.booleans())  # fmt: skip
 def test_random_routers_match_the_oracle(cfg, num_tokens, hidden, seed, dtype, with_bias, use_native) -> None:
@@ -130,7 +130,7 @@ def test_random_routers_match_the_oracle(cfg, num_tokens, hidden, seed, dtype, w
     check_weights(cfg, result, rows, scores, dtype)
 
 
-@fuzz(30)
+@fuzz(50)
 @given(cfg=router_configs(), num_tokens=st.integers(1, 24), pattern=tie_patterns(),
        dtype=st.sampled_from(ROUTE_DTYPES), use_native=st.booleans())  # fmt: skip
 def test_extreme_logits_saturate_into_ties(cfg, num_tokens, pattern, dtype, use_native) -> None:
@@ -161,12 +161,14 @@ def test_an_all_zero_token_routes_the_same_on_every_path(use_native: bool) -> No
             assert result.topk_ids_TK.tolist() == [[0, 1]] * 3
 
 
-def test_float64_sigmoid_routing_is_batch_invariant() -> None:
-    # Regression (found by the fuzz above, long mode): torch's float64 sigmoid gave equal
-    # logits unequal scores by their position in the vector, so an all-equal row of 18
-    # experts in 3 groups went to expert 16 alone and to another expert in a batch of 2.
-    cfg = RouterConfig(num_experts=18, top_k=1, scoring="sigmoid", n_group=3, topk_group=1)
-    x_TH = torch.full((2, 18), -1 / 16, dtype=torch.float64)
-    eye = torch.eye(18, dtype=torch.float64)
-    assert route(cfg, x_TH, eye).topk_ids_TK.tolist() == [[0], [0]]
-    assert route(cfg, x_TH[:1], eye).topk_ids_TK.tolist() == [[0]]
+@pytest.mark.parametrize("dtype, logit", [(torch.float64, -1 / 16), (torch.float32, -64.0)])
+def test_sigmoid_routing_is_batch_invariant(dtype: torch.dtype, logit: float) -> None:
+    # Regression (found by the fuzz above): torch's CPU sigmoid gave equal logits unequal
+    # scores by their position in the vector, so all-equal rows went to different experts
+    # by where they sat in the batch (float64: 18 experts in 3 groups; fp32: row 6 of 7).
+    for cfg, tokens in ((RouterConfig(num_experts=18, top_k=1, scoring="sigmoid", n_group=3, topk_group=1), 2),
+                        (RouterConfig(num_experts=5, top_k=1, scoring="sigmoid"), 7)):  # fmt: skip
+        x_TH = torch.full((tokens, cfg.num_experts), logit, dtype=dtype)
+        eye = torch.eye(cfg.num_experts, dtype=dtype)
+        assert route(cfg, x_TH, eye).topk_ids_TK.tolist() == [[0]] * tokens
+        assert route(cfg, x_TH[:1], eye).topk_ids_TK.tolist() == [[0]]

@@ -248,7 +248,7 @@ def _scores(config: RouterConfig, logits_TE: torch.Tensor) -> torch.Tensor:
         # torch's CPU sigmoid rounds a vector's tail unlike its body (torch 2.13, fp32 and
         # float64): equal logits got unequal scores by their place in the batch, so ties and
         # near-ties — a row's routing — moved with the batch. Its exp is position-independent.
-        return torch.exp(-wide_TE).add_(1).reciprocal_()
+        return torch.reciprocal(torch.exp(-wide_TE) + 1)  # out of place: exp's backward reads its output
     return torch.sigmoid(wide_TE)
 
 

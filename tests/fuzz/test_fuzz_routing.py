@@ -172,3 +172,12 @@ def test_sigmoid_routing_is_batch_invariant(dtype: torch.dtype, logit: float) ->
         eye = torch.eye(cfg.num_experts, dtype=dtype)
         assert route(cfg, x_TH, eye).topk_ids_TK.tolist() == [[0]] * tokens
         assert route(cfg, x_TH[:1], eye).topk_ids_TK.tolist() == [[0]]
+
+
+def test_sigmoid_routing_backpropagates() -> None:
+    # Found by the layer fuzz, in this branch's own first version of the fix above: an
+    # in-place add on exp's output broke autograd through a sigmoid router.
+    cfg = RouterConfig(num_experts=4, top_k=2, scoring="sigmoid", normalize_topk=True)
+    w_EH = torch.randn(4, 8, requires_grad=True)
+    route(cfg, torch.randn(3, 8), w_EH).topk_weights_TK.sum().backward()
+    assert w_EH.grad is not None and torch.isfinite(w_EH.grad).all()

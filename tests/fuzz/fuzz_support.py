@@ -28,7 +28,7 @@ from activepath import RouterConfig, native
 PROFILE = os.environ.get("ACTIVEPATH_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"ACTIVEPATH_FUZZ={PROFILE!r}: expected 'ci' or 'long'")
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 settings.register_profile("activepath-fuzz-ci", derandomize=True, database=None, print_blob=True, **_COMMON)
 settings.register_profile("activepath-fuzz-long", derandomize=False, print_blob=True, **_COMMON)
 LONG_EXAMPLES = int(os.environ.get("ACTIVEPATH_FUZZ_EXAMPLES", "1000"))
@@ -90,11 +90,11 @@ def router_configs(draw: st.DrawFn, max_top_k: int = 8) -> RouterConfig:
 @st.composite
 def tie_patterns(draw: st.DrawFn) -> dict:
     """How a block of logits is built: few levels → many duplicated values; all-equal rows."""
-    return dict(
-        seed=draw(SEEDS),
-        levels=draw(st.sampled_from([0, 1, 2, 3, 8, 40, 127])),
-        equal_rows=draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),
-    )
+    return {
+        "seed": draw(SEEDS),
+        "levels": draw(st.sampled_from([0, 1, 2, 3, 8, 40, 127])),
+        "equal_rows": draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),
+    }
 
 
 def grid_logits(num_tokens: int, num_experts: int, *, seed: int, levels: int, equal_rows: float,

@@ -5,13 +5,13 @@ experts and idle experts."""
 from __future__ import annotations
 
 import torch
+from fuzz_support import SEEDS, fuzz, grid_logits
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import capacity_oracle
 
 from activepath import RouterConfig, route
 from activepath.capacity import CapacityConfig, apply_capacity, expert_capacity
-from fuzz_support import SEEDS, fuzz, grid_logits
-from oracle import capacity_oracle
 
 
 @st.composite

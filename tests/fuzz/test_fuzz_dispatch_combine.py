@@ -8,14 +8,14 @@ import importlib
 
 import pytest
 import torch
+from fuzz_support import SEEDS, TOKEN_COUNTS, fuzz, native_kernels
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import combine_oracle
 
 from activepath import combine, plan_dispatch
 from activepath import dispatch as dispatch_mod
 from activepath.tolerances import tolerance
-from fuzz_support import SEEDS, TOKEN_COUNTS, fuzz, native_kernels
-from oracle import combine_oracle
 
 combine_mod = importlib.import_module("activepath.combine")  # the module (the package exports the function)
 
@@ -42,7 +42,7 @@ def routings(draw: st.DrawFn):
 
 
 def check_plan(plan, ids_TK: torch.Tensor, kept_TK: torch.Tensor | None, num_experts: int) -> None:
-    num_tokens, top_k = ids_TK.shape
+    top_k = ids_TK.shape[1]
     ids_S = ids_TK.reshape(-1)
     kept_S = torch.ones_like(ids_S, dtype=torch.bool) if kept_TK is None else kept_TK.reshape(-1)
     order = plan.order_S.tolist()

@@ -9,16 +9,24 @@ import dataclasses
 
 import pytest
 import torch
+from fuzz_support import DTYPES, SEEDS, TOKEN_COUNTS, fuzz, native_kernels
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
+from oracle import capacity_oracle, moe_oracle
 
-from activepath import ActivationConfig, ExpertWeights, Router, RouterConfig, SharedExperts, SparseMoE, backend_names
-from activepath import triton_moe
+from activepath import (
+    ActivationConfig,
+    ExpertWeights,
+    Router,
+    RouterConfig,
+    SharedExperts,
+    SparseMoE,
+    backend_names,
+    triton_moe,
+)
 from activepath.capacity import CapacityConfig, expert_capacity
 from activepath.tolerances import tolerance
 from activepath.workspace import Workspace
-from fuzz_support import DTYPES, SEEDS, TOKEN_COUNTS, fuzz, native_kernels
-from oracle import capacity_oracle, moe_oracle
 
 ACTIVATIONS = {  # (config, transposed [E, H, 2I] weights, biases): GPT-OSS is the last
     "silu": (ActivationConfig(kind="silu"), False, False),
@@ -70,7 +78,7 @@ def layer_cases(draw: st.DrawFn) -> LayerCase:
 
 def build_layer(case: LayerCase) -> SparseMoE:
     activation, transposed, biases = ACTIVATIONS[case.act]
-    E, H, I = case.num_experts, case.hidden, case.inter  # noqa: E741
+    E, H, I = case.num_experts, case.hidden, case.inter
     gen = torch.Generator().manual_seed(case.seed)
     w_gu = torch.randn((E, H, 2 * I) if transposed else (E, 2 * I, H), generator=gen) / H**0.5
     w_dn = torch.randn((E, I, H) if transposed else (E, H, I), generator=gen) / I**0.5

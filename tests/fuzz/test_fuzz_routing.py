@@ -6,13 +6,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fuzz_support import (
+    DTYPES,
+    SEEDS,
+    fuzz,
+    grid_bias,
+    grid_logits,
+    native_kernels,
+    randn,
+    router_configs,
+    tie_patterns,
+)
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from oracle import (
+    group_scores_oracle,
+    route_oracle,
+    token_scores_oracle,
+    token_weights_oracle,
+)
 
 from activepath import RouterConfig, route
 from activepath.tolerances import tolerance
-from fuzz_support import DTYPES, SEEDS, fuzz, grid_bias, grid_logits, native_kernels, randn, router_configs, tie_patterns
-from oracle import group_scores_oracle, route_oracle, token_scores_oracle, token_weights_oracle
 
 ROUTE_DTYPES = (*DTYPES, torch.float64)
 

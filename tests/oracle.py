@@ -9,39 +9,94 @@ import torch
 from activepath import ExpertWeights, RouterConfig
 
 
-def route_oracle(cfg: RouterConfig, logits_TE: torch.Tensor, correction_E: torch.Tensor | None = None):
-    """Per token, in plain Python over float64 values: (sorted ids, weights by id)."""
+def route_oracle(
+    cfg: RouterConfig,
+    logits_TE: torch.Tensor,
+    correction_E: torch.Tensor | None = None,
+    *,
+    round_scores: torch.dtype | None = None,
+    norm_eps: float = 0.0,
+):
+    """Per token, in plain Python over float64 values: (sorted ids, weights by id).
+
+    Ties go to the lower expert (and group) id. ``round_scores`` rounds each score, choice
+    and group score to that dtype first (the ties a float32 computation sees when values
+    underflow or saturate); ``norm_eps`` is added to the normalising sum (DeepSeek's 1e-20).
+    """
+    rnd = _rounder(round_scores)
     result = []
     for row in logits_TE.double().tolist():
+        scores, choice = token_scores_oracle(cfg, row, correction_E, rnd)
         if cfg.order == "topk_then_softmax":
             ids = sorted(range(len(row)), key=lambda e: -row[e])[: cfg.top_k]
-            z = [math.exp(row[e] - row[ids[0]]) for e in ids]
-            result.append((sorted(ids), {e: zi / sum(z) for e, zi in zip(ids, z)}))
-            continue
-        if cfg.scoring == "softmax":
-            m = max(row)
-            ex = [math.exp(v - m) for v in row]
-            scores = [v / sum(ex) for v in ex]
         else:
-            scores = [1 / (1 + math.exp(-v)) for v in row]
-        choice = [s + (0.0 if correction_E is None else float(correction_E[e])) for e, s in enumerate(scores)]
-        allowed = _allowed_experts(cfg, choice)
-        ids = sorted(allowed, key=lambda e: -choice[e])[: cfg.top_k]
-        w = {e: scores[e] for e in ids}
-        if cfg.normalize_topk:
-            total = sum(w.values())
-            w = {e: v / total for e, v in w.items()}
-        result.append((sorted(ids), {e: v * cfg.routed_scaling_factor for e, v in w.items()}))
+            # allowed experts in id order first: equal choice values go to the lower id
+            ids = sorted(sorted(_allowed_experts(cfg, choice, rnd)), key=lambda e: -choice[e])[: cfg.top_k]
+        result.append((sorted(ids), dict(zip(ids, token_weights_oracle(cfg, row, scores, ids, norm_eps)))))
     return result
 
 
-def _allowed_experts(cfg: RouterConfig, choice: list[float]) -> list[int]:
+def token_scores_oracle(cfg: RouterConfig, row: list[float], correction_E: torch.Tensor | None = None, rnd=None):
+    """One token's float64 (scores, choice values): choice = score + selection bias,
+    except that plain softmax routing and ``topk_then_softmax`` choose on the raw logits."""
+    rnd = rnd or (lambda v: v)
+    if cfg.order == "topk_then_softmax":
+        return list(row), list(row)
+    if cfg.scoring == "softmax":
+        m = max(row)
+        ex = [math.exp(v - m) for v in row]
+        scores = [rnd(v / sum(ex)) for v in ex]
+        if cfg.n_group == 1 and correction_E is None:
+            return scores, list(row)  # exp is monotone: the logits' order, without underflow's ties
+    else:
+        scores = [rnd(_sigmoid(v)) for v in row]
+    choice = [rnd(s + (0.0 if correction_E is None else float(correction_E[e]))) for e, s in enumerate(scores)]
+    return scores, choice
+
+
+def token_weights_oracle(
+    cfg: RouterConfig, row: list[float], scores: list[float], ids: list[int], norm_eps: float = 0.0
+) -> list[float]:
+    """The float64 weights of chosen experts ``ids`` (in that order) of one token."""
+    if cfg.order == "topk_then_softmax":
+        top = max(row[e] for e in ids)
+        z = [math.exp(row[e] - top) for e in ids]
+        return [zi / sum(z) for zi in z]
+    w = [scores[e] for e in ids]
+    if cfg.normalize_topk:
+        total = sum(w)
+        w = [v / (total + norm_eps) for v in w]
+    return [v * cfg.routed_scaling_factor for v in w]
+
+
+def _rounder(dtype: torch.dtype | None):
+    if dtype is None:
+        return lambda v: v
+    return lambda v: torch.tensor(v, dtype=torch.float64).to(dtype).double().item()
+
+
+def _sigmoid(v: float) -> float:
+    # 1 / (1 + exp(-v)) overflows for v < -709; this form does not (equal up to rounding).
+    return 1 / (1 + math.exp(-v)) if v >= 0 else math.exp(v) / (1 + math.exp(v))
+
+
+def group_scores_oracle(cfg: RouterConfig, choice: list[float], rnd=lambda v: v) -> list[float]:
+    """Each expert group's score (its best, or its best two summed) from one token's choice values."""
+    size = cfg.num_experts // cfg.n_group
+    scores = []
+    for g in range(cfg.n_group):
+        vals = sorted(choice[g * size : (g + 1) * size], reverse=True)
+        scores.append(vals[0] if cfg.group_score == "max" else rnd(sum(vals[:2])))
+    return scores
+
+
+def _allowed_experts(cfg: RouterConfig, choice: list[float], rnd=lambda v: v) -> list[int]:
     size = cfg.num_experts // cfg.n_group
     groups = [list(range(g * size, (g + 1) * size)) for g in range(cfg.n_group)]
+    by_group = group_scores_oracle(cfg, choice, rnd)
 
     def group_score(g: list[int]) -> float:
-        vals = sorted((choice[e] for e in g), reverse=True)
-        return vals[0] if cfg.group_score == "max" else sum(vals[:2])
+        return by_group[g[0] // size]
 
     best = sorted(range(cfg.n_group), key=lambda g: -group_score(groups[g]))[: cfg.topk_group]
     return [e for g in best for e in groups[g]]
@@ -79,3 +134,49 @@ def _act(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g = gate.clamp(max=act.limit)
     u = up.clamp(-act.limit, act.limit)
     return (u + 1) * g / (1 + torch.exp(-act.alpha * g))
+
+
+def capacity_oracle(
+    capacity: int, policy: str, ids: list[list[int]], weights: list[list[float]], logits: list[list[float]]
+):
+    """GShard-order capacity in plain Python: slots claim room by (k, t); overflow is dropped
+    or moved to the token's best unused expert with room (logits descending, lower id on
+    ties). Returns (ids, float64 weights, kept, dropped, rerouted)."""
+    num_experts = len(logits[0]) if logits else 0
+    ids = [list(r) for r in ids]
+    T, K = len(ids), len(ids[0]) if ids else 0
+    load = [0] * num_experts
+    kept = [[False] * K for _ in range(T)]
+    for k in range(K):
+        for t in range(T):
+            if load[ids[t][k]] < capacity:
+                load[ids[t][k]] += 1
+                kept[t][k] = True
+    rerouted = 0
+    for k in range(K if policy == "reroute" else 0):
+        for t in range(T):
+            if kept[t][k]:
+                continue
+            for e in sorted(range(num_experts), key=lambda e: (-logits[t][e], e)):
+                if e not in ids[t] and load[e] < capacity:
+                    ids[t][k], kept[t][k], load[e], rerouted = e, True, load[e] + 1, rerouted + 1
+                    break
+    new_w = []
+    for t in range(T):
+        total, kept_sum = sum(weights[t]), sum(w for w, ok in zip(weights[t], kept[t]) if ok)
+        if all(kept[t]):
+            new_w.append(list(weights[t]))
+        else:
+            new_w.append([w * total / kept_sum if ok and kept_sum > 0 else 0.0 for w, ok in zip(weights[t], kept[t])])
+    dropped = sum(not ok for row in kept for ok in row)
+    return ids, new_w, kept, dropped, rerouted
+
+
+def combine_oracle(out_sorted_SH: torch.Tensor, order_S: torch.Tensor, w_TK: torch.Tensor, num_tokens: int):
+    """y[t] = sum over sorted rows j whose slot order[j] belongs to token t of w[slot] * out[j], float64."""
+    top_k = w_TK.shape[1] if w_TK.dim() == 2 else 1
+    w_S = w_TK.reshape(-1).double()
+    y = torch.zeros(num_tokens, out_sorted_SH.shape[1], dtype=torch.float64)
+    for j, slot in enumerate(order_S.tolist()):
+        y[slot // top_k] += float(w_S[slot]) * out_sorted_SH[j].double()
+    return y

@@ -123,8 +123,10 @@ def route(
 ) -> RoutingResult:
     """Route tokens ``x_TH`` to ``config.top_k`` experts each.
 
-    Ties are broken by ``torch.topk`` on the same fp32 scores the reference models use,
-    so choices are a pure function of each token's own row (deterministic, batch-invariant).
+    The top-k runs on the same fp32 scores the reference models use, with equal scores
+    going to the lower expert id on every path (native or not, any dtype, grad mode or
+    not), so choices are a pure function of each token's own row (deterministic,
+    batch-invariant).
     """
     if fused_native_router_applies(config, x_TH, weight_EH, bias_E, correction_bias_E):
         # Inputs checked by the line above: the unchecked entry point.
@@ -134,7 +136,7 @@ def route(
         return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
     logits_TE = _router_logits(config, x_TH, weight_EH, bias_E)
     if config.order == "topk_then_softmax":
-        top_logits_TK, topk_ids_TK = torch.topk(logits_TE.to(_score_dtype(logits_TE)), config.top_k, dim=-1)
+        top_logits_TK, topk_ids_TK = _topk(logits_TE.to(_score_dtype(logits_TE)), config.top_k)
         weights_TK = torch.softmax(top_logits_TK, dim=-1)
         return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
 
@@ -143,15 +145,7 @@ def route(
             logits_TE, config.top_k, normalize=config.normalize_topk, scale=config.routed_scaling_factor
         )
         return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
-    scores_TE = _scores(config, logits_TE)
-    choice_TE = scores_TE if correction_bias_E is None else scores_TE + correction_bias_E.to(scores_TE.dtype)
-    if config.n_group > 1:
-        choice_TE = _mask_losing_groups(config, choice_TE)
-    top = torch.topk(choice_TE, config.top_k, dim=-1)
-    topk_ids_TK = top.indices
-    # Without a selection bias the chosen values are the scores themselves (group masking
-    # only touches the losers): no gather, one op fewer per layer (a launch on a GPU).
-    weights_TK = top.values if correction_bias_E is None else scores_TE.gather(1, topk_ids_TK)
+    topk_ids_TK, weights_TK = _select(config, logits_TE, correction_bias_E)
     if config.normalize_topk:
         # The 1e-20 matches DeepSeek; for softmax scores the sum is never near zero anyway.
         denominator_T1 = weights_TK.sum(dim=-1, keepdim=True)
@@ -160,6 +154,25 @@ def route(
     if config.routed_scaling_factor != 1.0:
         weights_TK = weights_TK * config.routed_scaling_factor
     return RoutingResult(topk_ids_TK, weights_TK, logits_TE)
+
+
+def _select(
+    config: RouterConfig, logits_TE: torch.Tensor, correction_bias_E: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, scores) of each token's top-k experts, before normalisation and scaling."""
+    scores_TE = _scores(config, logits_TE)
+    if _plain_softmax_topk(config, correction_bias_E):
+        # Ranked on the logits, as the native router ranks them: the softmax keeps their
+        # order, but its fp32 rounding and underflow make ties the logits do not have.
+        topk_ids_TK = _topk(logits_TE.to(scores_TE.dtype), config.top_k)[1]
+        return topk_ids_TK, scores_TE.gather(1, topk_ids_TK)
+    choice_TE = scores_TE if correction_bias_E is None else scores_TE + correction_bias_E.to(scores_TE.dtype)
+    if config.n_group > 1:
+        choice_TE = _mask_losing_groups(config, choice_TE)
+    top_values_TK, topk_ids_TK = _topk(choice_TE, config.top_k)
+    # Without a selection bias the chosen values are the scores themselves (group masking
+    # only touches the losers): no gather, one op fewer per layer (a launch on a GPU).
+    return topk_ids_TK, top_values_TK if correction_bias_E is None else scores_TE.gather(1, topk_ids_TK)
 
 
 def _plain_softmax_topk(config: RouterConfig, correction_bias_E: torch.Tensor | None) -> bool:
@@ -230,7 +243,22 @@ def _router_logits(
 def _scores(config: RouterConfig, logits_TE: torch.Tensor) -> torch.Tensor:
     if config.scoring == "softmax":  # widened inside the softmax, as transformers does: no cast op
         return torch.softmax(logits_TE, dim=-1, dtype=_score_dtype(logits_TE))
-    return torch.sigmoid(logits_TE.to(_score_dtype(logits_TE)))
+    wide_TE = logits_TE.to(_score_dtype(logits_TE))
+    if wide_TE.device.type == "cpu":
+        # torch's CPU sigmoid rounds a vector's tail unlike its body (torch 2.13, fp32 and
+        # float64): equal logits got unequal scores by their place in the batch, so ties and
+        # near-ties — a row's routing — moved with the batch. Its exp is position-independent.
+        return torch.reciprocal(torch.exp(-wide_TE) + 1)  # out of place: exp's backward reads its output
+    return torch.sigmoid(wide_TE)
+
+
+def _topk(values_TN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest per row, descending, equal values by ascending
+    index: the native router's order. ``torch.topk`` breaks ties differently (and
+    differently by size and device), so an all-equal row — a zero hidden state — would
+    route by whether the native kernels, grad mode or a half dtype was in use."""
+    values_TN, indices_TN = torch.sort(values_TN, dim=-1, descending=True, stable=True)
+    return values_TN[:, :k], indices_TN[:, :k]
 
 
 def _score_dtype(t: torch.Tensor) -> torch.dtype:
@@ -246,7 +274,7 @@ def _mask_losing_groups(config: RouterConfig, choice_TE: torch.Tensor) -> torch.
         group_scores_TG = choice_TGE.max(dim=-1).values
     else:
         group_scores_TG = choice_TGE.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-    kept_TG = torch.topk(group_scores_TG, config.topk_group, dim=-1).indices
+    kept_TG = _topk(group_scores_TG, config.topk_group)[1]
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, kept_TG, True)
     keep_TE = keep_TG.unsqueeze(-1).expand_as(choice_TGE).reshape_as(choice_TE)
     return choice_TE.masked_fill(~keep_TE, float("-inf"))

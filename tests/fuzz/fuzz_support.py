@@ -23,7 +23,8 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from activepath import RouterConfig, native
+from activepath import RouterConfig
+from activepath.kernels import cpu as native
 
 PROFILE = os.environ.get("ACTIVEPATH_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from oracle import capacity_oracle
 
 from activepath import RouterConfig, route
-from activepath.capacity import CapacityConfig, apply_capacity, expert_capacity
+from activepath.moe.capacity import CapacityConfig, apply_capacity, expert_capacity
 
 
 @st.composite

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from oracle import combine_oracle
 
 from activepath import combine, plan_dispatch
-from activepath import dispatch as dispatch_mod
+from activepath.moe import dispatch as dispatch_mod
 from activepath.tolerances import tolerance
 
-combine_mod = importlib.import_module("activepath.combine")  # the module (the package exports the function)
+combine_mod = importlib.import_module("activepath.moe.combine")  # the module (the package exports the function)
 
 
 @st.composite

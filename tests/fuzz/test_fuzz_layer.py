@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 from fuzz_support import DTYPES, SEEDS, TOKEN_COUNTS, fuzz, native_kernels
-from hypothesis import assume, given, note
+from hypothesis import given, note
 from hypothesis import strategies as st
 from oracle import capacity_oracle, moe_oracle
 
@@ -22,11 +22,11 @@ from activepath import (
     SharedExperts,
     SparseMoE,
     backend_names,
-    triton_moe,
 )
-from activepath.capacity import CapacityConfig, expert_capacity
+from activepath.kernels.triton import moe as triton_moe
+from activepath.moe.capacity import CapacityConfig, expert_capacity
 from activepath.tolerances import tolerance
-from activepath.workspace import Workspace
+from activepath.runtime.workspace import Workspace
 
 ACTIVATIONS = {  # (config, transposed [E, H, 2I] weights, biases): GPT-OSS is the last
     "silu": (ActivationConfig(kind="silu"), False, False),
@@ -141,9 +141,6 @@ def run_layer(layer: SparseMoE, x_TH: torch.Tensor, grad_mode: bool) -> torch.Te
 @fuzz(150)
 @given(case=layer_cases())
 def test_layer_matches_the_float64_oracle(case: LayerCase) -> None:
-    # Known and being fixed elsewhere (issue 14 item 1): see the strict xfails below.
-    assume(not (case.grad_mode and case.backend == "grouped" and case.workspace))
-    assume(not (case.grad_mode and case.backend == "triton"))
     note(repr(case))
     layer = build_layer(case)
     x_TH = torch.randn(case.num_tokens, case.hidden, generator=torch.Generator().manual_seed(case.seed + 1))
@@ -160,8 +157,7 @@ def test_layer_matches_the_float64_oracle(case: LayerCase) -> None:
         assert torch.equal(y_TH, again), "two identical calls differ"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="issue 14 item 1: with a workspace, grouped's out= gather has no autograd (fixed on r14-lib)")
+# Regressions of issue 14 item 1, found before and by this fuzz.
 def test_grouped_in_grad_mode_from_128_tokens() -> None:
     case = LayerCase(num_tokens=128, num_experts=4, top_k=2, hidden=256, inter=8, act="silu", shared=False,
                      dtype=torch.float32, backend="grouped", use_native=True, routing="softmax", capacity=None,
@@ -173,9 +169,6 @@ def test_grouped_in_grad_mode_from_128_tokens() -> None:
 
 
 @pytest.mark.skipif(not TRITON_RUNS, reason="triton is not installed, or not in its CPU interpreter")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="found by the fuzz: the triton backend has no backward, and in grad mode the layer "
-                          "returned an output cut from the graph (fixed on r14-lib)")  # fmt: skip
 def test_triton_in_grad_mode_keeps_the_graph() -> None:
     case = LayerCase(num_tokens=1, num_experts=1, top_k=1, hidden=1, inter=1, act="gelu", shared=False,
                      dtype=torch.float32, backend="triton", use_native=False, routing="softmax", capacity=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from activepath.moe.experts import NATIVE_MAX_ROWS, get_backend, reference_exper
 from activepath.dense.linears import patch_linears
 from activepath.tolerances import tolerance
 
+# Subprocesses import the activepath under test, not whatever copy is installed.
+SRC = str(Path(native.__file__).resolve().parents[2])
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
 
 
@@ -243,7 +246,7 @@ def test_disabled_by_environment_falls_back() -> None:
         "assert not native.available() and 'ACTIVEPATH_NATIVE' in native.unavailable_reason();"
         "print('ok')"
     )
-    env = {"ACTIVEPATH_NATIVE": "0", "PATH": "/usr/bin:/bin"}
+    env = {"ACTIVEPATH_NATIVE": "0", "PATH": "/usr/bin:/bin", "PYTHONPATH": SRC}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
@@ -342,7 +345,7 @@ def test_failed_build_falls_back_with_a_warning(tmp_path) -> None:
         "with torch.no_grad(): assert layer(torch.randn(3, 8)).shape == (3, 8)\n"
         "print('ok')\n"
     )
-    env = {"CXX": "/bin/false", "ACTIVEPATH_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env = {"CXX": "/bin/false", "ACTIVEPATH_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": SRC}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 

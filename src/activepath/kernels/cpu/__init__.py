@@ -6,8 +6,15 @@ weight matrices (experts), G segments (expert, row range).
 The C++ source ships with the package and is compiled on first use with the system C++
 compiler for *this* CPU (``-march=native``), into a per-user cache keyed by the source,
 compiler flags and CPU. No compiler, a failed build, or ``ACTIVEPATH_NATIVE=0`` → the
-kernels report unavailable and every caller keeps its pure-PyTorch path. The library links
-the OpenMP runtime torch already loaded, so both share one thread pool.
+kernels report unavailable and every caller keeps its pure-PyTorch path (the reason, with
+the compiler's error, is in ``unavailable_reason()``). The library links the OpenMP runtime
+torch already loaded, so both share one thread pool.
+
+``ACTIVEPATH_NATIVE_FLAGS`` (read once, at first use, like ``ACTIVEPATH_NATIVE``) appends
+compiler flags to the build, e.g. ``-mno-avx512f`` (the AVX2 branches on an AVX-512 CPU) or
+``-mno-avx2`` (the scalar ones): the kernels' non-AVX-512 code is built and tested that way
+(tests/test_native_builds.py). The flags are part of the cache key, so each variant is its
+own cached file; ``simd_width()`` says which branch a build took.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -106,34 +114,62 @@ def _cpu_key() -> str:
     return flags
 
 
+def build_flags() -> tuple[str, ...]:
+    """The compiler flags of the build: the defaults, then ``ACTIVEPATH_NATIVE_FLAGS``
+    (whitespace-separated, each starting with ``-``; ValueError naming the first that does not)."""
+    extra = shlex.split(os.environ.get("ACTIVEPATH_NATIVE_FLAGS", ""))
+    bad = [f for f in extra if not f.startswith("-") or f == "-o"]
+    if bad:
+        raise ValueError(f"ACTIVEPATH_NATIVE_FLAGS must hold compiler flags starting with '-' (not -o), got {bad[0]!r}")
+    return (*_FLAGS, *extra)
+
+
+def simd_width() -> int | None:
+    """The vector branch the loaded build compiled: 512 (AVX-512), 256 (AVX2) or 0 (scalar);
+    None when the kernels are unavailable."""
+    lib = _library()
+    return None if lib is None else int(lib.ap_simd_width())
+
+
 def _load() -> ctypes.CDLL | None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None or platform.system() != "Linux":
         _state["reason"] = "no C++ compiler found (set CXX) or not Linux"
         return None
+    try:
+        flags = build_flags()
+    except ValueError as err:
+        return _unavailable(str(err))
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + " ".join((compiler, *_FLAGS)).encode() + _cpu_key().encode()
+        b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + " ".join((compiler, *flags)).encode() + _cpu_key().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"activepath_native-{digest}.so"
     try:
         if not target.exists():
-            _build(compiler, target)
+            _build(compiler, flags, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        _state["reason"] = f"native kernels unavailable: {err}"
-        warnings.warn(f"activepath: {_state['reason']}; using PyTorch kernels", RuntimeWarning, stacklevel=3)
-        return None
+    except subprocess.CalledProcessError as err:
+        # The compiler's own message: a CI log (and a user's warning) must say what failed.
+        stderr = (err.stderr or b"").decode(errors="replace").strip()
+        return _unavailable(f"the C++ build failed ({' '.join(map(str, err.cmd))}):\n{stderr[-4000:]}")
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return _unavailable(str(err))
     _declare(lib)
     _state["reason"] = None
     return lib
 
 
-def _build(compiler: str, target: Path) -> None:
+def _unavailable(why: str) -> None:
+    _state["reason"] = f"native kernels unavailable: {why}"
+    warnings.warn(f"activepath: {_state['reason']}; using PyTorch kernels", RuntimeWarning, stacklevel=4)
+
+
+def _build(compiler: str, flags: Sequence[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build to a temporary name and rename: concurrent first uses never load a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out)], check=True, capture_output=True, timeout=300)
+        subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", str(out)], check=True, capture_output=True, timeout=300)
         os.replace(out, target)
 
 
@@ -168,6 +204,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ap_token_down_combine_i8": [ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr,
                                      ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int],
     }
+    lib.ap_simd_width.argtypes, lib.ap_simd_width.restype = [], ctypes.c_int
     for name, argtypes in glue.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = ctypes.c_int

@@ -86,8 +86,21 @@ def quantize_rows(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not bool(torch.isfinite(w_NK).all()):
         raise ValueError("cannot quantize non-finite weights (inf or nan)")
     scale_N = (w_NK.abs().amax(dim=1) / 127.0).clamp_(min=torch.finfo(torch.float32).tiny)
-    q_NK = torch.round(w_NK / scale_N.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-    return q_NK.contiguous(), scale_N
+    q_NK = torch.empty(w_NK.shape, dtype=torch.int8)
+    # The quotient w / scale in float64, not fp32: rounded to fp32 first, a quotient within
+    # half an fp32 ulp of a half-integer (common for bf16 weights: w = -126 with max 252
+    # gives 63.49999976) becomes the tie and may round to the far integer, half a step and
+    # more from w. The float64 quotient of two fp32 values is never that close to a
+    # half-integer unless it is one, so q is the nearest integer. Row chunks bound the
+    # float64 copy (32 MiB) for the largest dense layers.
+    rows = max(1, _QUANTIZE_CHUNK // max(1, w_NK.shape[1]))
+    for lo in range(0, w_NK.shape[0], rows):
+        quotient = w_NK[lo : lo + rows].double() / scale_N[lo : lo + rows].double().unsqueeze(1)
+        q_NK[lo : lo + rows] = quotient.round_().clamp_(-127, 127).to(torch.int8)
+    return q_NK, scale_N
+
+
+_QUANTIZE_CHUNK = 1 << 22  # float64 elements per quotient chunk of quantize_rows
 
 
 def _check(

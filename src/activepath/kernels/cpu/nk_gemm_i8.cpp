@@ -162,4 +162,16 @@ int ap_grouped_nk_gemm_i8(const float* x, int64_t ldx, const int8_t* q, int64_t 
                                   });
 }
 
+// Which vector branch this build compiled (512: AVX-512, 256: AVX2, 0: scalar), so a test
+// can check that a build variant (ACTIVEPATH_NATIVE_FLAGS) really took the branch it names.
+int ap_simd_width(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
 }  // extern "C"

@@ -22,7 +22,7 @@ def native_required() -> bool:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    from activepath import native
+    from activepath.kernels import cpu as native
 
     # An explicit ACTIVEPATH_NATIVE=0 is a run of the PyTorch fallbacks, not a broken build.
     if native_required() and not native.disabled_by_env() and not native.available():
@@ -34,7 +34,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's TerminalReporter
-    from activepath import native
+    from activepath.kernels import cpu as native
 
     if not native.available():
         terminalreporter.write_sep("!", "native kernels UNAVAILABLE: their tests were skipped", red=True, bold=True)

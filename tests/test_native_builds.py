@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from activepath import native
+from activepath.kernels import cpu as native
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = Path(native.__file__).resolve().parents[2]  # the activepath under test, not an installed copy
@@ -103,7 +103,7 @@ def test_kernels_without_avx512_pass_the_key_checks(flags: str, cap: int) -> Non
     env = _env(ACTIVEPATH_NATIVE_FLAGS=flags, ACTIVEPATH_REQUIRE_NATIVE="1")
     if "ACTIVEPATH_CACHE" in os.environ:
         env["ACTIVEPATH_CACHE"] = os.environ["ACTIVEPATH_CACHE"]
-    probe = subprocess.run([sys.executable, "-c", "from activepath import native; print(native.simd_width())"],
+    probe = subprocess.run([sys.executable, "-c", "from activepath.kernels import cpu as native; print(native.simd_width())"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert probe.stdout.strip() == str(width), probe.stdout + probe.stderr  # the branch the flags name
     run = _pytest(env, "tests/test_native.py", "tests/test_native_int8.py", "-k", KEY_TESTS)

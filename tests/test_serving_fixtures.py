@@ -56,7 +56,7 @@ class LiveServer:
     real socket and uvicorn's real protocol, the engine inspectable in process)."""
 
     def __init__(self, directory: Path, *, limits=None, max_len: int = 128, max_batch_size: int = 2,
-                 step_delay_s: float = 0.0) -> None:
+                 step_delay_s: float = 0.0, served_model: str = "standin") -> None:
         import socket
         import threading
         import time
@@ -82,7 +82,8 @@ class LiveServer:
             execute = self.engine.runner.execute
             self.engine.runner.execute = lambda plan: (time.sleep(step_delay_s), execute(plan))[1]
         self.limits = limits or HttpLimits()
-        app = build_app(self.engine, tokenizer, served_model="standin", metrics=self.metrics, limits=self.limits)
+        app = build_app(self.engine, tokenizer, served_model=served_model, metrics=self.metrics,
+                        limits=self.limits)
         self.server = build_server(app, host="127.0.0.1", port=self.port, limits=self.limits,
                                    on_drain=self.engine.shutdown)
         self._thread = threading.Thread(target=self.server.run, daemon=True)

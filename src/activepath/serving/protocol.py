@@ -50,10 +50,11 @@ def short(value: object, limit: int = 60) -> str:
 
 
 def decode_json(raw: bytes) -> object:
-    """The body as JSON. Refuses (400) invalid JSON, NaN/Infinity, numbers out of range
-    and nesting deeper than the decoder's recursion limit."""
+    """The body as JSON. Refuses (400) anything but UTF-8 (RFC 8259; ``json.loads`` would
+    take UTF-16/32 bytes too), invalid JSON, NaN/Infinity, numbers out of range and nesting
+    deeper than the decoder's recursion limit."""
     try:
-        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except RequestError:
         raise
     except RecursionError:
@@ -110,7 +111,7 @@ def parse_completion(body: object, *, served_model: str, max_len: int, vocab_siz
     _check_no_op_fields(body)
     _check_no_effect_fields(body)
     return CompletionRequest(model=model, prompt=_prompt(body.get("prompt"), vocab_size),
-                             max_tokens=_max_tokens(body.get("max_tokens", DEFAULT_MAX_TOKENS), max_len),
+                             max_tokens=_max_tokens(body.get("max_tokens"), max_len),
                              stream=_flag(body.get("stream", False), "stream"))
 
 
@@ -178,8 +179,8 @@ def _check_encodable(prompt: str) -> None:
 
 
 def _max_tokens(value: object, max_len: int) -> int:
-    if value is None:
-        return DEFAULT_MAX_TOKENS
+    if value is None:  # OpenAI's default, cut to a context shorter than it (found by the fuzzer)
+        return min(DEFAULT_MAX_TOKENS, max_len - 1)
     if not _is_int(value):
         raise RequestError(400, f"'max_tokens' must be an integer, got {short(value)}", param="max_tokens")
     if not 1 <= value < max_len:

@@ -18,14 +18,14 @@ import time
 import httpx
 import pytest
 import schemathesis
-from schemathesis.generation.modes import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.generation.modes import GenerationMode
+from test_serving_fixtures import LiveServer
 
 from activepath.models import embedded_path
 from activepath.serving.http_guard import HttpLimits
 from activepath.serving.protocol import KNOWN_FIELDS
-from test_serving_fixtures import LiveServer
 
 LONG = os.environ.get("ACTIVEPATH_FUZZ") == "long"
 SCHEMA_EXAMPLES = 1000 if LONG else 120

@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-
 from test_serving_server import free_port
 
 

@@ -6,6 +6,7 @@ asyncio queue that the engine thread feeds with ``call_soon_threadsafe``."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import math
@@ -39,6 +40,10 @@ from .scheduler import QueueFull, TokenEvent
 
 log = logging.getLogger(__name__)
 _DISCONNECTED = object()  # put on a request's queue when its client goes away
+# Tokenizing a long text allocates ~200 bytes per character (the Rust encoding's ids,
+# offsets, token strings); glibc keeps that freed heap in the tokenizer thread's arena
+# (and the tuned allocator's trim threshold is 256 MiB). Past this size, give it back.
+_TRIM_AFTER_CHARS = 128 * 1024
 
 
 class _Detokenizer:
@@ -175,7 +180,11 @@ class _Completions:
         """On the tokenizer thread: decode, validate and tokenize (big prompts take seconds)."""
         req = parse_completion(decode_json(raw), served_model=self.served_model, max_len=self.max_len,
                                vocab_size=self.vocab_size)
-        prompt_ids = _encode(self.tokenizer, req)
+        try:
+            prompt_ids = _encode(self.tokenizer, req)
+        finally:
+            if isinstance(req.prompt, str) and len(req.prompt) > _TRIM_AFTER_CHARS:
+                _release_free_heap()
         if len(prompt_ids) + req.max_tokens > self.max_len:
             raise context_error(len(prompt_ids), req.max_tokens, self.max_len)
         return req, prompt_ids
@@ -233,6 +242,14 @@ class _BodyReader:
                                code="request_timeout") from None
         self.complete = True
         return b"".join(chunks)
+
+
+def _release_free_heap() -> None:
+    """glibc ``malloc_trim(0)``: return freed heap of every arena to the OS (no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _encode(tokenizer: Any, req: CompletionRequest) -> list[int]:

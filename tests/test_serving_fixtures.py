@@ -49,3 +49,54 @@ def standin_checkpoint(directory: Path) -> Path:
     fast.save_pretrained(directory)
     standin_model().save_pretrained(directory)
     return directory
+
+
+class LiveServer:
+    """``build_app`` + ``build_server`` on a free loopback port in a background thread (a
+    real socket and uvicorn's real protocol, the engine inspectable in process)."""
+
+    def __init__(self, directory: Path, *, limits=None, max_len: int = 128, max_batch_size: int = 2,
+                 step_delay_s: float = 0.0, served_model: str = "standin") -> None:
+        import socket
+        import threading
+        import time
+
+        from transformers import AutoTokenizer
+
+        import activepath
+        from activepath.serving.engine import Engine, EngineConfig
+        from activepath.serving.http_guard import HttpLimits, build_server
+        from activepath.serving.metrics import ServingMetrics
+        from activepath.serving.scheduler import SchedulerConfig
+        from activepath.serving.server import build_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.metrics = ServingMetrics()
+        config = EngineConfig(scheduler=SchedulerConfig(max_batch_size=max_batch_size, max_len=max_len))
+        self.engine = Engine(activepath.load(directory), config, stop_ids=[0], metrics=self.metrics)
+        if step_delay_s:  # a slower model: every step takes at least this long
+            execute = self.engine.runner.execute
+            self.engine.runner.execute = lambda plan: (time.sleep(step_delay_s), execute(plan))[1]
+        self.limits = limits or HttpLimits()
+        app = build_app(self.engine, tokenizer, served_model=served_model, metrics=self.metrics,
+                        limits=self.limits)
+        self.server = build_server(app, host="127.0.0.1", port=self.port, limits=self.limits,
+                                   on_drain=self.engine.shutdown)
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def outcome(self, name: str) -> float:
+        return self.metrics.registry.get_sample_value("activepath_requests_total", {"outcome": name}) or 0.0
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)

@@ -62,7 +62,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 def post(url: str, body: object, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{url}/v1/completions", content=content, timeout=60, **kw)
+    headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(f"{url}/v1/completions", content=content, timeout=60, headers=headers, **kw)
 
 
 def stream_chunks(url: str, body: dict) -> tuple[list[dict], int]:

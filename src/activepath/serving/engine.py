@@ -43,10 +43,16 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class EngineError:
-    """Sent instead of a token when the step that carried the request failed."""
+    """Sent instead of a token when the step that carried the request failed (``status``
+    500) or the engine shut down before it finished (503)."""
 
     request_id: str
     message: str
+    status: int = 500
+
+
+class EngineClosed(Exception):
+    """``submit`` after ``shutdown``: the engine takes no more requests."""
 
 
 EventCallback = Callable[[TokenEvent | EngineError], None]
@@ -80,6 +86,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed: str | None = None  # the shutdown message, once closed
 
     @property
     def is_alive(self) -> bool:
@@ -98,8 +105,11 @@ class Engine:
             self._thread.join()
 
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, callback: EventCallback) -> str:
-        """Queue a request; returns its id. Raises ``ValueError`` or ``scheduler.QueueFull``."""
+        """Queue a request; returns its id. Raises ``ValueError``, ``scheduler.QueueFull``
+        or ``EngineClosed``."""
         with self._cond:
+            if self._closed is not None:
+                raise EngineClosed(self._closed)
             request_id = f"req-{next(self._ids)}"
             now = time.perf_counter()
             self.scheduler.add(request_id, prompt_ids, max_new_tokens, stop_ids=self.stop_ids, now=now)
@@ -113,6 +123,21 @@ class Engine:
             if self._tracked.pop(request_id, None) is not None:
                 self.scheduler.abort(request_id)
                 self._count("aborted")
+
+    def shutdown(self, message: str = "the server is shutting down") -> int:
+        """Refuse new requests and end every queued or running one now with an
+        ``EngineError`` (status 503) carrying ``message``; returns how many were ended.
+        The loop keeps running (idle) until ``stop``."""
+        with self._cond:
+            self._closed = message
+            ended = list(self._tracked.items())
+            self._tracked.clear()
+            for request_id, _ in ended:
+                self.scheduler.abort(request_id)
+        for request_id, tracked in ended:
+            self._count("shutdown")
+            tracked.callback(EngineError(request_id, message, status=503))
+        return len(ended)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, timeout_s: float = 300.0) -> list[int]:
         """Blocking convenience: submit and wait for every token."""

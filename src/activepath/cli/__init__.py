@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-from activepath.runtime.process import MALLOC_CHOICES, apply_malloc_option
+from activepath.runtime.process import MALLOC_CHOICES, apply_malloc_option, bound_onednn_caches
 
 # subcommand name → module that defines ``register(subparsers)``
 _SUBCOMMANDS = {
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # The command owns its process, so it may set process-wide allocator state; the library does not.
     args.allocator = apply_malloc_option(args.malloc)
+    # Before any subcommand runs a bf16 matmul: later, oneDNN has read its cache capacities.
+    caches = bound_onednn_caches()
+    logging.getLogger(__name__).info("oneDNN cache capacities: %s", caches)
     logging.getLogger(__name__).info("allocator: %s", args.allocator.describe())
     return int(args.handler(args) or 0)
 

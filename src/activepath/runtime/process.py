@@ -22,6 +22,16 @@ middle of a decode step if that is where it falls. Freezing the objects alive af
 loading (``gc.freeze``) takes them out of every later collection; the collector still runs,
 over what is new. ``activepath serve`` freezes once the model is loaded; the benches
 freeze around their timed calls.
+
+**oneDNN's caches** (``bound_onednn_caches``). torch runs bf16/fp16 CPU GEMMs through
+oneDNN, which compiles a primitive per GEMM shape and keeps up to 1024 of them in each of
+two caches (oneDNN's own, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, and ideep's in torch,
+``LRU_CACHE_CAPACITY``); a primitive with its scratch buffers holds up to ~1 MiB. A server
+whose step sizes vary (every prompt length) filled them: RSS rose by hundreds of MiB and was
+still rising after 1,000 requests (benchmarks/results/rss_shapes.md). ``activepath`` sets
+both capacities to ``DEFAULT_ONEDNN_CACHE_CAPACITY`` unless the environment already does;
+both are read when the first primitive is created, so this must run before the first bf16
+matmul. fp32 GEMMs go to MKL and keep no such cache.
 """
 
 from __future__ import annotations
@@ -42,6 +52,10 @@ _M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD_BYTES = 32 << 20
 _C_INT_MAX = 2**31 - 1
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+# Enough for the shapes a serving step mix keeps reusing; small enough to bound the caches
+# at a few tens of MiB (the measured trade-off is in benchmarks/results/rss_shapes.md).
+DEFAULT_ONEDNN_CACHE_CAPACITY = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,3 +161,15 @@ def frozen_gc() -> Iterator[int]:
         yield freeze_loaded_objects()
     finally:
         gc.unfreeze()
+
+
+def bound_onednn_caches(capacity: int = DEFAULT_ONEDNN_CACHE_CAPACITY) -> dict[str, str]:
+    """Cap oneDNN's primitive cache and ideep's (see the module docstring) at ``capacity``
+    entries each, through their environment variables; a variable already set is left as it
+    is (the user's choice wins). Takes effect only before the process's first oneDNN
+    primitive (its first bf16/fp16 CPU matmul). Returns the value each variable now has."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+    for name in ONEDNN_CACHE_VARIABLES:
+        os.environ.setdefault(name, str(capacity))
+    return {name: os.environ[name] for name in ONEDNN_CACHE_VARIABLES}

@@ -11,7 +11,8 @@ registered attention function attends each sequence to its own slot only.
 ``exact=True`` makes a sequence's tokens independent of what else is in the batch: dense
 projections, the router and the experts run in the native kernels (a fixed summation order
 per output) where they apply, else one row at a time (1-row kernels), and attention runs
-one sequence at a time over exactly its own length.
+one sequence at a time over its own length (rounded up to ``attention_bucket`` and masked, so
+the number of attention shapes stays bounded).
 
 Shape legend: T packed tokens in the step, B decode rows, S slots, L layers,
 Hq query heads, Hkv key/value heads, D head dim, W attended width, V vocab.
@@ -34,7 +35,12 @@ from activepath.moe.routing import RoutingResult, router_logits_batch_invariant
 from activepath.serving.scheduler import StepPlan
 
 ATTENTION_NAME = "activepath_packed"
-_WIDTH_BUCKET = 64  # attended width rounds up to this, so shapes (and kernels) change rarely
+# Attended widths (and prefill lengths) round up to a multiple of this. torch's CPU attention
+# compiles a oneDNN kernel per (query length, key length) it meets and keeps every one for
+# the process's life (bf16/fp16 on AVX-512/AMX: at::native::cpublas' kernel cache has no
+# eviction), so a server fed prompts of every length grew its RSS without bound; rounded,
+# at most max_len / 64 shapes ever exist (benchmarks/rss_shapes.py).
+ATTENTION_BUCKET = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,9 +50,10 @@ class RunnerConfig:
     max_slots: int = 16
     max_len: int = 512
     exact: bool = False
+    attention_bucket: int = ATTENTION_BUCKET
 
     def __post_init__(self) -> None:
-        for name in ("max_slots", "max_len"):
+        for name in ("max_slots", "max_len", "attention_bucket"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -66,7 +73,8 @@ class StepOutput:
 @dataclass(frozen=True)
 class PackedBatch:
     """Where each packed token lives: ``slot_T``/``pos_T`` index the cache. Decodes come
-    first (one token each, slots ``decode_slots``); then prefills as (slot, first token, length)."""
+    first (one token each, slots ``decode_slots``); then prefills as (slot, first token, length).
+    Attention runs over widths rounded up to a multiple of ``bucket``."""
 
     slot_T: torch.Tensor
     pos_T: torch.Tensor
@@ -74,6 +82,7 @@ class PackedBatch:
     decode_pos: tuple[int, ...]
     prefills: tuple[tuple[int, int, int], ...]
     exact: bool
+    bucket: int = ATTENTION_BUCKET
 
 
 class SlotKVCache:
@@ -122,17 +131,37 @@ def packed_attention(module: nn.Module, q_1HTD: torch.Tensor, k: torch.Tensor, v
         attend = _decode_rowwise if batch.exact else _decode_batched
         out_1THD[0, :n] = attend(q_BH1D, k_SHND, v_SHND, batch, scaling)
     for slot, start, length in batch.prefills:
-        q_1HPD = q_1HTD[:, :, start : start + length]
-        keys, values = k_SHND[slot : slot + 1, :, :length], v_SHND[slot : slot + 1, :, :length]
-        o_1HPD = F.scaled_dot_product_attention(q_1HPD, keys, values, is_causal=True, scale=scaling, enable_gqa=True)
-        out_1THD[0, start : start + length] = o_1HPD[0].transpose(0, 1)
+        out_1THD[0, start : start + length] = _prefill(q_1HTD[:, :, start : start + length], k_SHND, v_SHND,
+                                                       slot, batch.bucket, scaling)
     return out_1THD, None
+
+
+def bucketed_width(length: int, bucket: int, limit: int) -> int:
+    """``length`` rounded up to a multiple of ``bucket``, at most ``limit`` (the cache length)."""
+    return min(limit, -(-length // bucket) * bucket)
+
+
+def _prefill(q_1HPD: torch.Tensor, k_SHND: torch.Tensor, v_SHND: torch.Tensor, slot: int, bucket: int,
+             scaling: float | None) -> torch.Tensor:
+    """Causal attention of one prompt over its own slot, returned as [P, Hq, D]. Run at the
+    bucketed width W: the padded queries are zeros and their rows are dropped; a real query
+    at position p < P sees keys 0..p only (causal), so the slot's stale keys past P never
+    reach it."""
+    length = q_1HPD.shape[2]
+    width = bucketed_width(length, bucket, k_SHND.shape[2])
+    if width != length:
+        q_pad_1HWD = q_1HPD.new_zeros(1, q_1HPD.shape[1], width, q_1HPD.shape[3])
+        q_pad_1HWD[:, :, :length] = q_1HPD
+        q_1HPD = q_pad_1HWD
+    keys, values = k_SHND[slot : slot + 1, :, :width], v_SHND[slot : slot + 1, :, :width]
+    o_1HWD = F.scaled_dot_product_attention(q_1HPD, keys, values, is_causal=True, scale=scaling, enable_gqa=True)
+    return o_1HWD[0, :, :length].transpose(0, 1)
 
 
 def _decode_batched(q_BH1D: torch.Tensor, k_SHND: torch.Tensor, v_SHND: torch.Tensor,
                     batch: PackedBatch, scaling: float | None) -> torch.Tensor:
     slots = batch.decode_slots
-    width = min(k_SHND.shape[2], -(-(max(batch.decode_pos) + 1) // _WIDTH_BUCKET) * _WIDTH_BUCKET)
+    width = bucketed_width(max(batch.decode_pos) + 1, batch.bucket, k_SHND.shape[2])
     if slots == tuple(range(slots[0], slots[0] + len(slots))):  # compact: views, no copy
         keys, values = k_SHND[slots[0] : slots[0] + len(slots), :, :width], v_SHND[slots[0] : slots[0] + len(slots), :, :width]
     else:
@@ -149,8 +178,11 @@ def _decode_rowwise(q_BH1D: torch.Tensor, k_SHND: torch.Tensor, v_SHND: torch.Te
                     batch: PackedBatch, scaling: float | None) -> torch.Tensor:
     rows = []
     for b, (slot, pos) in enumerate(zip(batch.decode_slots, batch.decode_pos)):
-        keys, values = k_SHND[slot : slot + 1, :, : pos + 1], v_SHND[slot : slot + 1, :, : pos + 1]
-        rows.append(F.scaled_dot_product_attention(q_BH1D[b : b + 1], keys, values, scale=scaling, enable_gqa=True))
+        width = bucketed_width(pos + 1, batch.bucket, k_SHND.shape[2])
+        keys, values = k_SHND[slot : slot + 1, :, :width], v_SHND[slot : slot + 1, :, :width]
+        mask_111W = (torch.arange(width, device=k_SHND.device) <= pos).view(1, 1, 1, width)
+        rows.append(F.scaled_dot_product_attention(q_BH1D[b : b + 1], keys, values, attn_mask=mask_111W,
+                                                   scale=scaling, enable_gqa=True))
     return torch.cat(rows)[:, :, 0]
 
 
@@ -269,5 +301,6 @@ class ModelRunner:
         as_long = {"dtype": torch.long, "device": self.device}
         pos_T = torch.tensor(pos, **as_long)
         batch = PackedBatch(torch.tensor(slots, **as_long), pos_T, tuple(d.slot for d in plan.decodes),
-                            tuple(d.position for d in plan.decodes), tuple(prefills), self.config.exact)
+                            tuple(d.position for d in plan.decodes), tuple(prefills), self.config.exact,
+                            self.config.attention_bucket)
         return torch.tensor([ids], **as_long), pos_T.unsqueeze(0), torch.tensor(last, **as_long), batch

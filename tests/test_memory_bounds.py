@@ -15,7 +15,7 @@ import torch
 
 import activepath
 from activepath import cli
-from activepath.process import ONEDNN_CACHE_VARIABLES, bound_onednn_caches
+from activepath.runtime.process import ONEDNN_CACHE_VARIABLES, bound_onednn_caches
 from activepath.serving.runner import ModelRunner, RunnerConfig
 from activepath.serving.scheduler import DecodeItem, PrefillItem, StepPlan
 from activepath.tolerances import MODEL_LOGITS_ATOL_FP32
@@ -100,7 +100,7 @@ _GROWTH_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     import torch.nn.functional as F
-    from activepath.process import bound_onednn_caches
+    from activepath.runtime.process import bound_onednn_caches
     if sys.argv[1] == "capped":
         bound_onednn_caches(8)  # after torch is imported, before the first bf16 matmul
     def rss():

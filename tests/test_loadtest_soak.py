@@ -86,3 +86,11 @@ def test_cli_rejects_bad_word_range() -> None:
     proc = subprocess.run([sys.executable, "-m", "activepath.cli", "loadtest", "--concurrency", "1",
                            "--prompt-words", "5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "MIN:MAX" in proc.stderr
+
+
+@pytest.mark.parametrize("extra", [["--serve", "--model tiny --port 9000"], ["--abort-fraction", "1.5"]])
+def test_cli_value_errors_are_one_line(extra: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "activepath.cli", "loadtest", "--concurrency", "1", *extra],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("activepath loadtest: error: ") and "Traceback" not in proc.stderr

@@ -346,17 +346,22 @@ def _word_range(text: str) -> tuple[int, int]:
 
 
 def run_loadtest_cmd(args: argparse.Namespace) -> int:
-    cfg = LoadTestConfig(url=args.url, model=args.model, rate=args.rate, concurrency=args.concurrency,
-                         duration_s=args.duration, max_tokens=args.max_tokens, seed=args.seed,
-                         prompt_words=args.prompt_words, abort_fraction=args.abort_fraction,
-                         timeout_fraction=args.timeout_fraction, warmup_s=args.warmup,
-                         rss_interval_s=args.rss_interval, max_rss_growth_pct=args.max_rss_growth)
     out = Path(args.out) if args.out else None
-    if args.serve is not None:
-        log_path = None if out is None else Path(f"{out}.server.log")
+    log_path = None if out is None or args.serve is None else Path(f"{out}.server.log")
+    try:  # option values are the user's: a one-line error (exit 2), not a traceback
+        cfg = LoadTestConfig(url=args.url, model=args.model, rate=args.rate, concurrency=args.concurrency,
+                             duration_s=args.duration, max_tokens=args.max_tokens, seed=args.seed,
+                             prompt_words=args.prompt_words, abort_fraction=args.abort_fraction,
+                             timeout_fraction=args.timeout_fraction, warmup_s=args.warmup,
+                             rss_interval_s=args.rss_interval, max_rss_growth_pct=args.max_rss_growth)
+        server = None if args.serve is None else ServerProcess(args.serve, log_path=log_path)
+    except (ValueError, TypeError) as exc:
+        print(f"activepath loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    if server is not None:
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-        with ServerProcess(args.serve, log_path=log_path) as server:
+        with server:
             doc = asyncio.run(run_loadtest(replace(cfg, url=server.url), rss_pid=server.pid))
             doc["server"] = {"command": shlex.join(server.command), "exit_status": server.stop()}
     else:

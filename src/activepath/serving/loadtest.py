@@ -282,10 +282,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Load test: {load}, {c['duration_s']:g} s, max_tokens {c['max_tokens']}", ""]
     if "command" in doc:
         lines += [f"Command: `{doc['command']}`", ""]
-    lines += ["| requests sent | complete | aborted by the client | rejected (503) | other 5xx | lost | duplicated |",
+    # The soak's columns (aborted, other 5xx) come last: the first five keep their meaning for readers of old reports.
+    lines += ["| requests sent | complete | rejected (503) | lost | duplicated | aborted by the client | other 5xx |",
               "| --- | --- | --- | --- | --- | --- | --- |",
-              f"| {r['sent']} | {r['complete']} | {r['aborted_by_client']} | {r['rejected_503']} "
-              f"| {r['server_errors_5xx']} | {r['lost']} | {r['duplicated']} |", "",
+              f"| {r['sent']} | {r['complete']} | {r['rejected_503']} | {r['lost']} | {r['duplicated']} "
+              f"| {r['aborted_by_client']} | {r['server_errors_5xx']} |", "",
               "| latency (ms) | p50 | p95 | p99 |", "| --- | --- | --- | --- |"]
     for key, name in (("ttft_s", "time to first token"), ("itl_s", "inter-token"), ("e2e_s", "end to end")):
         row = doc[key]

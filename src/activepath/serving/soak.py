@@ -9,6 +9,7 @@ import logging
 import shlex
 import socket
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ def plot_rss(rss: dict[str, Any], title: str, path: Path) -> None:
         ax.axhline(rss["warm_mib"] * 1.05, color="red", linestyle=":", label="RSS at end of warm-up + 5 %")
     ax.set_xlabel("seconds since the load started")
     ax.set_ylabel("server RSS (MiB)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 120)), fontsize=8)  # the command, whole
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,7 +19,7 @@ from activepath.dense.linears import patch_linears
 from activepath.tolerances import tolerance
 
 # Subprocesses import the activepath under test, not whatever copy is installed.
-SRC = str(Path(native.__file__).resolve().parents[2])
+SRC = str(Path(native.__file__).resolve().parents[3])
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
 
 

@@ -92,15 +92,17 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
-def install_library(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
+def install_library(lib: ctypes.CDLL) -> ctypes.CDLL | None:
     """Make ``lib`` (loaded and ``declare``-d by the caller) the library every kernel calls,
-    returning the one it replaces: an A/B benchmark swaps two builds in one process."""
-    if lib is not None and not isinstance(lib, ctypes.CDLL):
-        raise TypeError(f"lib must be a ctypes.CDLL or None, got {type(lib).__name__}")
+    returning the one it replaces (None when none had built): an A/B benchmark swaps two
+    builds in one process."""
+    if not isinstance(lib, ctypes.CDLL):
+        raise TypeError(f"lib must be a loaded ctypes.CDLL, got {type(lib).__name__}")
     library()  # settles the first build, so the previous library is the real one
     previous = _state.get("lib")
     _state["lib"] = lib
-    return previous
+    _state["reason"] = None
+    return previous  # type: ignore[return-value]
 
 
 def require_library() -> ctypes.CDLL:

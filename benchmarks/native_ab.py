@@ -37,6 +37,7 @@ import torch
 
 import activepath
 from activepath.kernels import cpu as native
+from activepath.kernels.cpu import build as native_build
 from activepath.bench.machine import cpu_model, versions
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,9 +64,9 @@ def build_revision(rev: str, out_dir: Path) -> ctypes.CDLL:
         raise SystemExit(f"{rev} has no C++ sources under {NATIVE_DIR}")
     target = out_dir / "base.so"
     compiler = os.environ.get("CXX") or shutil.which("g++") or "c++"  # as activepath.kernels.cpu picks it
-    subprocess.run([compiler, *native._FLAGS, *sources, "-o", str(target)], check=True, timeout=300)
+    subprocess.run([compiler, *native_build.DEFAULT_FLAGS, *sources, "-o", str(target)], check=True, timeout=300)
     lib = ctypes.CDLL(str(target))
-    native._declare(lib)
+    native_build.declare(lib)
     return lib
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/native_ab.py")
     p.add_argument("--base", required=True, help="git revision whose native kernels are the baseline")
     args = parse_ab_args(p, argv, rounds=8)
-    this_tree = native._library()
+    this_tree = native_build.library()
     if this_tree is None:
         raise SystemExit(f"native kernels unavailable: {native.unavailable_reason()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                 copies.append(copy_gbps(src, dst))
                 tokens = {}
                 for name in ("base", "this tree") if r % 2 == 0 else ("this tree", "base"):
-                    native._state["lib"] = libs[name]
+                    native_build.install_library(libs[name])
                     tokens[name], steps = generate(model, prompt_1P, args.new)
                     by_round[name].append(statistics.median(steps))
-                native._state["lib"] = this_tree
+                native_build.install_library(this_tree)
                 agree.append(tokens["base"] == tokens["this tree"])
                 print(f"round {r + 1}: copy {copies[-1]:.1f} GB/s, base {by_round['base'][-1] * 1e3:.2f} ms, "
                       f"this tree {by_round['this tree'][-1] * 1e3:.2f} ms", file=sys.stderr, flush=True)

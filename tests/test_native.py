@@ -13,12 +13,13 @@ import torch
 
 from activepath import ActivationConfig, ExpertWeights, plan_dispatch
 from activepath.kernels import cpu as native
+from activepath.kernels.cpu import build as native_build
 from activepath.moe.experts import NATIVE_MAX_ROWS, get_backend, reference_experts
 from activepath.dense.linears import patch_linears
 from activepath.tolerances import tolerance
 
 # Subprocesses import the activepath under test, not whatever copy is installed.
-SRC = str(Path(native.__file__).resolve().parents[2])
+SRC = str(Path(native.__file__).resolve().parents[3])
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
 
 
@@ -226,7 +227,7 @@ def test_linear_patch_panel_path_for_many_rows_of_a_wide_layer() -> None:
 
 @needs_native
 def test_set_enabled_turns_the_kernels_off_and_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(native._state, "enabled", True)  # restored after the test
+    monkeypatch.setitem(native_build._state, "enabled", True)  # restored after the test
     native.set_enabled(False)
     assert not native.available() and "set_enabled" in native.unavailable_reason()
     x = torch.randn(3, 8)

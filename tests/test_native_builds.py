@@ -18,7 +18,7 @@ import pytest
 from activepath.kernels import cpu as native
 
 ROOT = Path(__file__).resolve().parent.parent
-SRC = Path(native.__file__).resolve().parents[2]  # the activepath under test, not an installed copy
+SRC = Path(native.__file__).resolve().parents[3]  # the activepath under test, not an installed copy
 x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA flags")
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
 

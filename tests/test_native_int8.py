@@ -10,6 +10,7 @@ import torch
 
 import activepath
 from activepath.kernels import cpu as native
+from activepath.kernels.cpu import build as native_build
 from activepath.kernels.cpu import int8 as native_int8
 from activepath.kernels.cpu.int8 import grouped_nk_gemm_i8, linear_i8, quantize_rows
 from activepath.moe import weights_int8
@@ -201,7 +202,7 @@ def test_out_overlapping_an_input_is_refused() -> None:
 def _disable_native(monkeypatch: pytest.MonkeyPatch) -> None:
     """``native.set_enabled(False)`` until the test ends (the environment is read only once)."""
     native.available()  # settle the initial state first, so undo restores it
-    monkeypatch.setitem(native._state, "enabled", False)
+    monkeypatch.setitem(native_build._state, "enabled", False)
 
 
 def test_unavailable_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:

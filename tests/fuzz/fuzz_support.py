@@ -56,7 +56,7 @@ TOKEN_COUNTS = st.one_of(
 def native_kernels(enabled: bool) -> Iterator[None]:
     """Run with the native kernels off (``enabled=False``) or as they are; restored after."""
     native.available()  # settles the initial (environment) state before it is read
-    before = bool(native._state.get("enabled", True))
+    before = native.is_enabled()
     native.set_enabled(before and enabled)
     try:
         yield

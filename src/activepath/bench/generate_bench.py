@@ -14,25 +14,34 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from activepath.validation import check_choice, check_positive_int
-from activepath.api import moe_layers, optimize
-from activepath.dense.linears import Int8Linear, unpatch_linears
-from activepath.runtime.process import frozen_gc
-from activepath.bench.arith import ExpertLoad, distinct_experts, expert_load, percent_of
+from activepath.bench.arith import ExpertLoad, expert_load, percent_of
 from activepath.bench.breakdown import TimeBreakdown, mean_breakdown, measure_breakdown
-from activepath.bench.build import moe_blocks
 from activepath.bench.energy import EnergyMeter
+from activepath.bench.generate_run import (
+    ModelBytes,
+    Trace,
+    generate_once,
+    model_bytes,
+    moe_modules,
+    prepared,
+    seeded_prompt,
+)
 from activepath.bench.roofline import Roofline, remeasure_bandwidth
 from activepath.bench.timing import Clock, Summary, progress_bar, summarize
+from activepath.runtime.process import frozen_gc
+from activepath.validation import check_choice, check_positive_int
 
 log = logging.getLogger(__name__)
+
+# Re-exported: part of this module's public interface (GenerateBenchResult.model_bytes).
+__all__ = ["GENERATE_IMPLS", "GenerateBenchResult", "GenerateConfig", "GenerateRow", "ModelBytes", "model_bytes",
+           "run_generate_bench"]
 
 GENERATE_IMPLS = ("activepath", "activepath-int8", "activepath-int8-all", "hf", "hf-eager", "hf-grouped_mm")
 
@@ -62,16 +71,6 @@ class GenerateConfig:
             check_choice("impl", impl, GENERATE_IMPLS)
         if not self.watts_per_core > 0:
             raise ValueError(f"watts_per_core must be > 0, got {self.watts_per_core}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelBytes:
-    """Weights a decode step reads besides the routed experts, and one routed expert's
-    bytes in each MoE layer (in module order)."""
-
-    static_bytes: int
-    expert_bytes_by_layer: list[int]
-    total_param_bytes: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,38 +115,6 @@ class GenerateBenchResult:
     prompt_bandwidth_GBps: list[float] | None = None
 
 
-@dataclass
-class _Trace:
-    """What the generations of one impl recorded (mutable while collecting)."""
-
-    ttft_s: list[float] = field(default_factory=list)
-    step_s: list[float] = field(default_factory=list)
-    step_bytes: list[int] = field(default_factory=list)
-    prefill_j: list[float] = field(default_factory=list)
-    decode_j: list[float] = field(default_factory=list)
-    counts: list[torch.Tensor] | None = None
-    kv_measured: bool = True
-    ids: list[torch.Tensor] = field(default_factory=list)
-    energy_method: str = ""
-    energy_estimated: bool = False
-
-
-def model_bytes(model: nn.Module, batch: int) -> ModelBytes:
-    """Split ``model``'s weights into routed experts and the rest (call before optimize)."""
-    blocks = [b for _, b in moe_blocks(model)]
-    expert_ids = {id(p) for b in blocks for p in b.experts.parameters()}
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    experts_total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) in expert_ids)
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
-    emb_saved = 0 if tied else emb.numel() * emb.element_size() - batch * emb.shape[1] * emb.element_size()
-    per_layer = [sum(p.numel() * p.element_size() for p in b.experts.parameters()) // b.experts.num_experts
-                 for b in blocks]
-    return ModelBytes(static_bytes=total - experts_total - emb_saved, expert_bytes_by_layer=per_layer,
-                      total_param_bytes=total)
-
-
 def run_generate_bench(
     model: nn.Module, label: str, config: GenerateConfig, roofline: Roofline | None,
     *, device: str = "cpu", progress: bool = True,
@@ -156,12 +123,13 @@ def run_generate_bench(
     mbytes = model_bytes(model, config.batch)
     default_impl = model.config._experts_implementation
     vocab = model.get_input_embeddings().weight.shape[0]
-    prompts = [_prompt(vocab, config, config.seed + 1 + r, device) for r in range(config.repeats)]
-    warm_prompt = _prompt(vocab, config, config.seed, device)
+    seeds = [config.seed + 1 + r for r in range(config.repeats)]
+    prompts = [seeded_prompt(vocab, config.batch, config.prompt, seed, device) for seed in seeds]
+    warm_prompt = seeded_prompt(vocab, config.batch, config.prompt, config.seed, device)
     meter = EnergyMeter(device, config.watts_per_core)
     clock = Clock(device)
     bar = progress_bar(len(config.impls) * config.repeats * config.new, "bench generate", progress)
-    traces = {impl: _Trace() for impl in config.impls}
+    traces = {impl: Trace() for impl in config.impls}
     breakdowns: dict[str, list[TimeBreakdown]] = {impl: [] for impl in config.impls}
     resolved: dict[str, str] = {}
     step_bytes: dict[str, ModelBytes] = {}
@@ -176,13 +144,13 @@ def run_generate_bench(
             prompt_bw.append(remeasure_bandwidth(roofline, device))
         for impl in config.impls:
             bar.set_postfix_str(impl)
-            with _prepared(model, impl, default_impl, config.backend, mbytes) as (tap, label_, bytes_):
+            with prepared(model, impl, default_impl, config.backend, mbytes) as (tap, label_, bytes_):
                 resolved[impl], step_bytes[impl] = label_, bytes_
-                _generate(model, warm_prompt, 2, tap, clock, meter, bytes_, _Trace())
+                generate_once(model, warm_prompt, 2, tap, clock, meter, bytes_, Trace())
                 with frozen_gc():  # as `activepath serve` after loading: no full GC pass over the model mid-step
-                    _generate(model, prompt, config.new, tap, clock, meter, bytes_, traces[impl], bar)
+                    generate_once(model, prompt, config.new, tap, clock, meter, bytes_, traces[impl], bar)
                 if config.breakdown:  # after the timed generation, so that carries no hooks
-                    breakdowns[impl].append(measure_breakdown(model, _moe_modules(model, impl), prompt, config.new, clock))
+                    breakdowns[impl].append(measure_breakdown(model, moe_modules(model, impl), prompt, config.new, clock))
     rows: list[GenerateRow] = []
     for impl in config.impls:
         first = rows[0] if rows else None
@@ -195,174 +163,8 @@ def run_generate_bench(
                                method=_method_text(config), rows=rows, prompt_bandwidth_GBps=prompt_bw)
 
 
-
-def _moe_modules(model: nn.Module, impl: str) -> list[nn.Module]:
-    """The MoE modules ``model`` runs in ``impl``'s state (inside ``_prepared``)."""
-    if impl.startswith("activepath"):
-        return [layer for _, layer in moe_layers(model)]
-    return [block for _, block in moe_blocks(model)]
-
-
-def _prompt(vocab: int, config: GenerateConfig, seed: int, device: str) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (config.batch, config.prompt), generator=gen).to(device)
-
-
-class _HFTap:
-    """Reads the routing transformers' experts modules receive, via forward pre-hooks
-    (the expert indices are their second argument); costs one reference per call."""
-
-    def __init__(self, blocks: list[nn.Module]) -> None:
-        self._last: list[torch.Tensor | None] = [None] * len(blocks)
-        self._sizes = [b.experts.num_experts for b in blocks]
-        self._handles = [b.experts.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                         for i, b in enumerate(blocks)]
-
-    def _hook(self, i: int):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            candidates = list(args[1:2]) + list(kwargs.values())
-            self._last[i] = next(t for t in candidates if isinstance(t, torch.Tensor) and not t.is_floating_point())
-        return hook
-
-    def counts(self) -> list[torch.Tensor]:
-        return [torch.bincount(ids.reshape(-1).cpu(), minlength=n) for ids, n in zip(self._last, self._sizes)]
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-class _ActivepathTap:
-    def __init__(self, model: nn.Module) -> None:
-        self._layers = [layer for _, layer in moe_layers(model)]
-
-    def counts(self) -> list[torch.Tensor]:
-        return [layer.last_stats.tokens_per_expert_E.cpu() for layer in self._layers]  # type: ignore[union-attr]
-
-    def close(self) -> None:
-        pass
-
-
-@contextmanager
-def _prepared(
-    model: nn.Module, impl: str, default_impl: str, backend: str, mbytes: ModelBytes
-) -> Iterator[tuple[object, str, ModelBytes]]:
-    """Put ``model`` in the state ``impl`` needs (and say what a step reads in that state);
-    undo activepath's patch on exit."""
-    blocks = moe_blocks(model)
-    if not impl.startswith("activepath"):
-        model.set_experts_implementation(default_impl if impl == "hf" else impl.removeprefix("hf-"))
-        tap = _HFTap([b for _, b in blocks])
-        try:
-            yield tap, f"transformers experts_implementation={model.config._experts_implementation}", mbytes
-        finally:
-            tap.close()
-        return
-    expert_dtype = "int8" if impl.startswith("activepath-int8") else "native"
-    dense_dtype = "int8" if impl == "activepath-int8-all" else "native"
-    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear]  # fmt: skip
-    optimize(model, backend=backend, collect_stats=True, expert_dtype=expert_dtype, dense_dtype=dense_dtype)
-    if expert_dtype == "int8":
-        packed = [layer.experts.weight_bytes_per_expert for _, layer in moe_layers(model)]
-        mbytes = replace(mbytes, expert_bytes_by_layer=packed)
-    if dense_dtype == "int8":
-        mbytes = replace(mbytes, static_bytes=_static_bytes_after_int8_dense(model, mbytes))
-    try:
-        yield (_ActivepathTap(model),
-               f"activepath backend={backend} expert_dtype={expert_dtype} dense_dtype={dense_dtype} (collect_stats on)",
-               mbytes)  # fmt: skip
-    finally:
-        # Undo everything optimize did, so the next impl runs the untouched model.
-        for name, block in blocks:
-            model.set_submodule(name, block)
-        for parent, name, child in linears:
-            setattr(parent, name, child)
-        unpatch_linears(model)
-
-
-def _static_bytes_after_int8_dense(model: nn.Module, mbytes: ModelBytes) -> int:
-    """``static_bytes`` once the dense projections are int8: each one reads its int8 values
-    plus fp32 scales and bias instead of its float weight and bias."""
-    before = after = 0
-    for module in model.modules():
-        if isinstance(module, Int8Linear):
-            n, k = module.out_features, module.in_features
-            bias = 0 if module.bias is None else 4 * n
-            before += n * k * torch.finfo(module._dtype).bits // 8 + bias
-            after += n * k + 4 * n + bias
-    return mbytes.static_bytes - before + after
-
-
-@torch.inference_mode()
-def _generate(
-    model: nn.Module, prompt_BP: torch.Tensor, new: int, tap: object, clock: Clock, meter: EnergyMeter,
-    mbytes: ModelBytes, trace: _Trace, bar: object | None = None,
-) -> None:
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    meter.start()
-    start = clock.now()
-    logits = model(input_ids=prompt_BP, cache=cache, use_cache=True, logits_to_keep=1).logits
-    next_B1 = logits[:, -1].argmax(-1, keepdim=True)
-    trace.ttft_s.append(clock.now() - start)
-    prefill = meter.stop()
-    _accumulate(trace, tap.counts())  # type: ignore[attr-defined]
-    ids = [next_B1]
-    meter.start()
-    for _ in range(new - 1):
-        start = clock.now()
-        logits = model(input_ids=next_B1, cache=cache, use_cache=True).logits
-        next_B1 = logits[:, -1].argmax(-1, keepdim=True)
-        trace.step_s.append(clock.now() - start)
-        counts = tap.counts()  # type: ignore[attr-defined]
-        _accumulate(trace, counts)
-        trace.step_bytes.append(_step_bytes(mbytes, counts, cache, trace))
-        ids.append(next_B1)
-        if bar is not None:
-            bar.update()  # type: ignore[attr-defined]
-    decode = meter.stop()
-    if bar is not None:
-        bar.update()  # type: ignore[attr-defined]
-    trace.ids.append(torch.cat(ids, dim=1).cpu())
-    trace.prefill_j.append(prefill.joules if prefill.joules is not None else float("nan"))
-    trace.decode_j.append(decode.joules if decode.joules is not None else float("nan"))
-    trace.energy_method, trace.energy_estimated = decode.method, decode.estimated
-
-
-def _accumulate(trace: _Trace, counts: list[torch.Tensor]) -> None:
-    if trace.counts is None:
-        trace.counts = [c.clone() for c in counts]
-    else:
-        for total, c in zip(trace.counts, counts):
-            total += c
-
-
-def _step_bytes(mbytes: ModelBytes, counts: list[torch.Tensor], cache: object, trace: _Trace) -> int:
-    experts = sum(distinct_experts(c) * b for c, b in zip(counts, mbytes.expert_bytes_by_layer))
-    kv = _kv_bytes(cache)
-    if kv is None:
-        trace.kv_measured = False
-    return mbytes.static_bytes + experts + (kv or 0)
-
-
-def _kv_bytes(cache: object) -> int | None:
-    """Bytes held in the KV cache (a decode step reads all of it), None if unreadable."""
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        return None
-    total = 0
-    for layer in layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 def _row(
-    impl: str, resolved: str, trace: _Trace, config: GenerateConfig, mbytes: ModelBytes,
+    impl: str, resolved: str, trace: Trace, config: GenerateConfig, mbytes: ModelBytes,
     roofline: Roofline | None, first: GenerateRow | None, prompt_bw: list[float] | None,
 ) -> GenerateRow:
     ttft, decode = summarize(trace.ttft_s), summarize(trace.step_s)
@@ -389,7 +191,7 @@ def _row(
     )
 
 
-def _by_prompt(trace: _Trace, steps: int, prompt_bw: list[float] | None) -> dict[str, list[float] | None]:
+def _by_prompt(trace: Trace, steps: int, prompt_bw: list[float] | None) -> dict[str, list[float] | None]:
     """Per-prompt decode figures: each generation appended ``steps`` samples in prompt order."""
     medians, tails, pcts = [], [], []
     for r in range(len(trace.step_s) // steps):
@@ -404,7 +206,7 @@ def _by_prompt(trace: _Trace, steps: int, prompt_bw: list[float] | None) -> dict
 
 
 def _per_token(joules: list[float], tokens: int) -> float | None:
-    if not joules or any(j != j for j in joules):  # NaN: not measured
+    if not joules or any(math.isnan(j) for j in joules):  # NaN: not measured
         return None
     return sum(joules) / len(joules) / tokens
 

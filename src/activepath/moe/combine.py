@@ -23,7 +23,9 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
     """
     if _native_applies(out_sorted_SH, topk_weights_TK, plan):
         # Same products, same order, same bits as below, in one call (inputs checked above).
-        y_TH = native._combine(out_sorted_SH, topk_weights_TK, plan.order_S, plan.token_idx_S, plan.num_tokens)
+        y_TH = native.combine_prechecked(
+            out_sorted_SH, topk_weights_TK, plan.order_S, plan.token_idx_S, plan.num_tokens
+        )
         return y_TH if out_sorted_SH.dtype == torch.float32 else y_TH.to(out_sorted_SH.dtype)
     acc = torch.promote_types(out_sorted_SH.dtype, torch.float32)
     w_sorted_S1 = topk_weights_TK.reshape(-1).index_select(0, plan.order_S).to(acc).unsqueeze(1)

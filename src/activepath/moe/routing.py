@@ -130,7 +130,7 @@ def route(
     """
     if fused_native_router_applies(config, x_TH, weight_EH, bias_E, correction_bias_E):
         # Inputs checked by the line above: the unchecked entry point.
-        topk_ids_TK, weights_TK, logits_TE = native._route_softmax_topk(
+        topk_ids_TK, weights_TK, logits_TE = native.route_softmax_topk_prechecked(
             x_TH, weight_EH, bias_E, config.top_k, normalize=config.normalize_topk, scale=config.routed_scaling_factor
         )
         return RoutingResult(topk_ids_TK, weights_TK, logits_TE)

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 
 # ``available``: the int8 kernel lives in the one native library.
-from activepath.kernels.cpu import _flat_segments, _require_library, _threads_for, available  # noqa: F401
+from activepath.kernels.cpu.build import available, require_library, threads_for  # noqa: F401
+from activepath.kernels.cpu.gemm import flat_segments
 
 # Weight rows per work item. An int8 row is a quarter of an fp32 row, so 4x the fp32
 # N_BLOCK reads the same 256 KiB per item (Qwen3-30B-A3B: 12 items per gate_up expert,
@@ -44,16 +45,16 @@ def grouped_nk_gemm_i8(
     Each output element's summation order is fixed (independent of M, the segments and
     the threads), so results are batch-invariant.
     """
-    lib = _require_library()
+    lib = require_library()
     _check(x_MK, q_ENK, scale_EN, out_MN, bias_EN)
     num_experts, n, k = q_ENK.shape
-    flat = _flat_segments(segments_G3, num_experts, x_MK.shape[0])
+    flat = flat_segments(segments_G3, num_experts, x_MK.shape[0])
     groups = len(flat) // 3
     rc = lib.ap_grouped_nk_gemm_i8(
         x_MK.data_ptr(), x_MK.stride(0), q_ENK.data_ptr(), q_ENK.stride(0), q_ENK.stride(1),
         scale_EN.data_ptr(), scale_EN.stride(0),
         None if bias_EN is None else bias_EN.data_ptr(), 0 if bias_EN is None else bias_EN.stride(0),
-        out_MN.data_ptr(), out_MN.stride(0), n, k, flat, groups, N_BLOCK_I8, M_BLOCK_I8, _threads_for(n * k * groups),
+        out_MN.data_ptr(), out_MN.stride(0), n, k, flat, groups, N_BLOCK_I8, M_BLOCK_I8, threads_for(n * k * groups),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"{_SYMBOL} failed with code {rc}")

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from activepath.kernels.cpu import M_BLOCK, N_BLOCK, _call, _threads_for
+from activepath.kernels.cpu.build import call, threads_for
+from activepath.kernels.cpu.gemm import M_BLOCK, N_BLOCK
 from activepath.kernels.cpu.int8 import M_BLOCK_I8, N_BLOCK_I8
 
 
@@ -73,10 +74,10 @@ def token_route_gate_up(
     Inputs are not checked here (see the module docstring)."""
     two_i = w_gate_up_E2IH.shape[1]
     out = TokenGateUp.empty(w_router_EH.shape[0], k, two_i)
-    _call("ap_token_route_gate_up", *_route_args(x_1H, w_router_EH, b_router_E, k, normalize, scale),
-          w_gate_up_E2IH.data_ptr(), w_gate_up_E2IH.stride(0), w_gate_up_E2IH.stride(1), two_i,
-          *out.outputs(), N_BLOCK, M_BLOCK, _threads_for(4 * w_router_EH.numel()),
-          _threads_for(4 * k * two_i * x_1H.shape[1]))  # fmt: skip
+    call("ap_token_route_gate_up", *_route_args(x_1H, w_router_EH, b_router_E, k, normalize, scale),
+         w_gate_up_E2IH.data_ptr(), w_gate_up_E2IH.stride(0), w_gate_up_E2IH.stride(1), two_i,
+         *out.outputs(), N_BLOCK, M_BLOCK, threads_for(4 * w_router_EH.numel()),
+         threads_for(4 * k * two_i * x_1H.shape[1]))  # fmt: skip
     return out
 
 
@@ -98,10 +99,10 @@ def token_down_combine(
     out_KH = torch.empty(k, hidden, dtype=torch.float32)
     y_1H = torch.empty(1, hidden, dtype=torch.float32)
     seconds = (ctypes.c_double * 2)()
-    _call("ap_token_down_combine", h_KI.data_ptr(), inter, w_down_EHI.data_ptr(), w_down_EHI.stride(0),
-          w_down_EHI.stride(1), hidden, *gate_up.plan(), k, gate_up.weights_1K.data_ptr(), out_KH.data_ptr(),
-          y_1H.data_ptr(), seconds, N_BLOCK, M_BLOCK, _threads_for(4 * k * hidden * inter),
-          _threads_for(4 * out_KH.numel()))  # fmt: skip
+    call("ap_token_down_combine", h_KI.data_ptr(), inter, w_down_EHI.data_ptr(), w_down_EHI.stride(0),
+         w_down_EHI.stride(1), hidden, *gate_up.plan(), k, gate_up.weights_1K.data_ptr(), out_KH.data_ptr(),
+         y_1H.data_ptr(), seconds, N_BLOCK, M_BLOCK, threads_for(4 * k * hidden * inter),
+         threads_for(4 * out_KH.numel()))  # fmt: skip
     return y_1H, (seconds[0], seconds[1])
 
 
@@ -113,10 +114,10 @@ def token_route_gate_up_i8(
     what ``Int8ExpertWeights.run_segments`` computes for one token. Inputs not checked."""
     two_i = q_E2IH.shape[1]
     out = TokenGateUp.empty(w_router_EH.shape[0], k, two_i)
-    _call("ap_token_route_gate_up_i8", *_route_args(x_1H, w_router_EH, b_router_E, k, normalize, scale),
-          q_E2IH.data_ptr(), q_E2IH.stride(0), q_E2IH.stride(1), scale_E2I.data_ptr(), scale_E2I.stride(0),
-          *_bias_args(bias_E2I), two_i, *out.outputs(), N_BLOCK, M_BLOCK, N_BLOCK_I8, M_BLOCK_I8,
-          _threads_for(4 * w_router_EH.numel()), _threads_for(k * two_i * x_1H.shape[1]))  # fmt: skip
+    call("ap_token_route_gate_up_i8", *_route_args(x_1H, w_router_EH, b_router_E, k, normalize, scale),
+         q_E2IH.data_ptr(), q_E2IH.stride(0), q_E2IH.stride(1), scale_E2I.data_ptr(), scale_E2I.stride(0),
+         *_bias_args(bias_E2I), two_i, *out.outputs(), N_BLOCK, M_BLOCK, N_BLOCK_I8, M_BLOCK_I8,
+         threads_for(4 * w_router_EH.numel()), threads_for(k * two_i * x_1H.shape[1]))  # fmt: skip
     return out
 
 
@@ -130,10 +131,10 @@ def token_down_combine_i8(
     out_KH = torch.empty(k, hidden, dtype=torch.float32)
     y_1H = torch.empty(1, hidden, dtype=torch.float32)
     seconds = (ctypes.c_double * 2)()
-    _call("ap_token_down_combine_i8", h_KI.data_ptr(), inter, q_EHI.data_ptr(), q_EHI.stride(0), q_EHI.stride(1),
-          scale_EH.data_ptr(), scale_EH.stride(0), *_bias_args(bias_EH), hidden, *gate_up.plan(), k,
-          gate_up.weights_1K.data_ptr(), out_KH.data_ptr(), y_1H.data_ptr(), seconds, N_BLOCK_I8, M_BLOCK_I8,
-          _threads_for(k * hidden * inter), _threads_for(4 * out_KH.numel()))  # fmt: skip
+    call("ap_token_down_combine_i8", h_KI.data_ptr(), inter, q_EHI.data_ptr(), q_EHI.stride(0), q_EHI.stride(1),
+         scale_EH.data_ptr(), scale_EH.stride(0), *_bias_args(bias_EH), hidden, *gate_up.plan(), k,
+         gate_up.weights_1K.data_ptr(), out_KH.data_ptr(), y_1H.data_ptr(), seconds, N_BLOCK_I8, M_BLOCK_I8,
+         threads_for(k * hidden * inter), threads_for(4 * out_KH.numel()))  # fmt: skip
     return y_1H, (seconds[0], seconds[1])
 
 

@@ -50,3 +50,20 @@ def test_demo_command_finishes_within_a_minute():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "outputs agree: yes" in done.stdout
     assert elapsed < 60, elapsed
+
+
+def test_demo_reports_prefill_and_decode_apart_against_transformers_default(capsys, monkeypatch):
+    monkeypatch.setattr(activepath.cli.demo.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert main(["demo", "--new-tokens", "6", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    # The reference is what a transformers user gets by default, never the slow eager loop.
+    assert "transformers (grouped_mm experts)" in out and "eager" not in out
+    assert "prefill p50 ms" in out and "decode p50 ms" in out
+    assert "decode ×" in out and "prefill of " in out  # two ratios, not one mixed tokens/s
+    assert "machine not idle" not in out
+
+
+def test_demo_warns_on_a_busy_machine(capsys, monkeypatch):
+    monkeypatch.setattr(activepath.cli.demo.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    assert main(["demo", "--new-tokens", "4", "--repeats", "1"]) == 0
+    assert "machine not idle (1-min load average 3.50" in capsys.readouterr().out

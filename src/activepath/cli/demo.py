@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "The json module provides functions to"
 _BARS = " ▁▂▃▄▅▆▇█"
 _DRIFT_TOKENS = 256  # of each held-out text, for the prose-vs-code routing comparison
+# A 1-minute load average above this before the demo starts means other processes share the
+# CPUs: the timings are then pessimistic and noisy (the same threshold as `activepath bench`).
+BUSY_LOAD = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,8 +40,9 @@ class Run:
     step_s: list[float]
 
     @property
-    def tokens_per_s(self) -> float:
-        return len(self.ids) / (self.prefill_s + sum(self.step_s))
+    def decode_tokens_per_s(self) -> float:
+        """Decode alone (prefill is reported apart: mixing them made the headline swing with prompt length)."""
+        return len(self.step_s) / sum(self.step_s) if self.step_s else float("nan")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,8 +63,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     directory = _model_dir(args.model)
+    load_at_start = os.getloadavg()[0]
     tokenizer, reference, model = _load_quietly(directory, args.backend)
     prompt_1P = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    args.prompt_ids = prompt_1P[0].tolist()
+    args.reference_experts = getattr(reference.config, "_experts_implementation", None)
     for m in (reference, model):  # warm-up: first calls allocate and pick kernels
         _greedy(m, prompt_1P, 4)
     stats: list[list[MoEStats]] = []
@@ -70,6 +79,9 @@ def run_demo(args: argparse.Namespace) -> int:
     prose_LE, code_LE = _drift_loads(model, tokenizer, directory)
     agree = all(r.ids == runs["transformers"][0].ids for rs in runs.values() for r in rs)
     _print_report(args, model, tokenizer, runs, stats, prose_LE, code_LE, agree)
+    if load_at_start > BUSY_LOAD:
+        print(f"note: machine not idle (1-min load average {load_at_start:.2f} before the demo started): other "
+              "processes share the CPUs, so the timings above are pessimistic and noisy")
     if args.plot is not None:
         for path in _plots(Path(args.plot), runs, stats, prose_LE, code_LE):
             print(f"wrote {path}")
@@ -84,7 +96,8 @@ def _model_dir(name: str) -> Path:
 
 
 def _load_quietly(directory: Path, backend: str) -> tuple[object, nn.Module, nn.Module]:
-    """Tokenizer, the unmodified transformers model (eager experts) and the activepath one."""
+    """Tokenizer, the unmodified transformers model (with transformers' default experts
+    implementation, the one its users get: grouped_mm where available) and the activepath one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -92,8 +105,7 @@ def _load_quietly(directory: Path, backend: str) -> tuple[object, nn.Module, nn.
     hf_logging.disable_progress_bar()  # loading takes a second; its bars would bury the report
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                         experts_implementation="eager").eval()
+        reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
         model = load(directory, dtype="float32", backend=backend, collect_stats=True)
     finally:
         if bars:
@@ -157,14 +169,9 @@ def _print_report(args: argparse.Namespace, model: nn.Module, tokenizer: object,
           f"top-{cfg.num_experts_per_tok}, float32, {torch.get_num_threads()} threads")
     text = tokenizer.decode(runs["activepath"][0].ids)  # type: ignore[attr-defined]
     print(f"prompt {args.prompt!r} → {args.new_tokens} greedy tokens: {_one_line(text)!r}")
-    print(f"{'':14}{'tokens/s':>9}{'p50 ms':>9}{'p95 ms':>9}")
-    speed = {}
-    for name, rs in runs.items():
-        steps = [s for r in rs for s in r.step_s] or [r.prefill_s for r in rs]
-        speed[name] = sorted(r.tokens_per_s for r in rs)[len(rs) // 2]
-        print(f"{name:14}{speed[name]:9.1f}{percentile(steps, 50) * 1e3:9.2f}{percentile(steps, 95) * 1e3:9.2f}")
+    _print_speed(runs, args.reference_experts or "default", len(args.prompt_ids))
     verdict = "yes, identical token ids" if agree else "NO — token ids differ"
-    print(f"speed-up ×{speed['activepath'] / speed['transformers']:.2f}; outputs agree: {verdict}")
+    print(f"outputs agree: {verdict}")
     print(f"expert utilisation during generation (share of top-k slots; uniform = {100 / n_experts:.1f} %):")
     for i, layer_stats in enumerate(stats):
         counts_E = torch.stack([s.tokens_per_expert_E for s in layer_stats]).sum(0).double()
@@ -178,6 +185,22 @@ def _print_report(args: argparse.Namespace, model: nn.Module, tokenizer: object,
     js = routing_stats.js_divergence(prose_LE, code_LE)
     print(f"drift prose → code: JS {float(js.mean()):.3f} bits mean over layers, max {float(js.max()):.3f} "
           f"(layer {int(js.argmax())}); per layer {' '.join(f'{v:.3f}' for v in js.tolist())}")
+
+
+def _print_speed(runs: dict[str, list[Run]], reference_impl: str, prompt_tokens: int) -> None:
+    """Prefill and decode apart, each with its own median and p95 and its own ratio."""
+    names = {"transformers": f"transformers ({reference_impl} experts)", "activepath": "activepath"}
+    print(f"{'':34}{'prefill p50 ms':>15}{'p95 ms':>8}{'decode p50 ms':>14}{'p95 ms':>8}{'decode tok/s':>13}")
+    prefill_ms, decode_ms = {}, {}
+    for name, rs in runs.items():
+        prefills = [r.prefill_s for r in rs]
+        steps = [s for r in rs for s in r.step_s] or [float("nan")]
+        prefill_ms[name], decode_ms[name] = statistics.median(prefills) * 1e3, statistics.median(steps) * 1e3
+        print(f"{names[name]:34}{prefill_ms[name]:15.2f}{percentile(prefills, 95) * 1e3:8.2f}{decode_ms[name]:14.2f}"
+              f"{percentile(steps, 95) * 1e3:8.2f}{1e3 / decode_ms[name]:13.1f}")
+    print(f"speed-up (transformers time / activepath time, medians): decode ×"
+          f"{decode_ms['transformers'] / decode_ms['activepath']:.2f}, prefill of {prompt_tokens} tokens ×"
+          f"{prefill_ms['transformers'] / prefill_ms['activepath']:.2f}")
 
 
 def _bars(load_E: torch.Tensor) -> str:

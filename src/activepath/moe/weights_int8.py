@@ -61,6 +61,10 @@ class Int8ExpertWeights(nn.Module):
 
     format = "int8"
     layout = "nk"  # the int8 matrices are always quantized into nn.Linear layout
+    # No float-weight biases: this store's biases are the fp32 ``bias_*`` buffers, added after
+    # the rescale, so code written for the float store's ``b_*`` finds none to misapply.
+    b_gate_up: None = None
+    b_down: None = None
 
     q_gate_up: torch.Tensor
     scale_gate_up: torch.Tensor

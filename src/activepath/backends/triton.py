@@ -74,7 +74,7 @@ def unsupported_reason(store: ExpertStore, x_TH: torch.Tensor) -> str | None:
         return (f"tensors on {x_TH.device} need CUDA, or Triton's CPU interpreter (TRITON_INTERPRET=1, set "
                 "before triton is first imported)")
     if store.format != "float":
-        return f"{type(store).__name__} experts ({store.format} weights) have no Triton kernel"
+        return f"{store.format!r} expert stores (quantized weights) have no Triton kernel"
     if activation_code(store.activation.kind) is None:
         return f"activation {store.activation.kind!r} has no Triton kernel"
     if x_TH.dtype != store.dtype or x_TH.dtype not in _FLOAT:

@@ -43,19 +43,18 @@ import torch
 
 from activepath.backends.registry import register_backend
 from activepath.kernels.policy import PLAN_MAX_SLOTS, Choice
+from activepath.kernels.triton import launch
 from activepath.kernels.triton.aot import compile_kernels
 from activepath.kernels.triton.launch import (
     GatedActivation,
     TritonConfig,
     activation_code,
     available,
-    combine_sorted as _combine_sorted,
     default_config,
     down_weighted,
     gate_up_act,
     interpreting,
     max_blocks,
-    pow2 as _pow2,
 )
 from activepath.moe.dispatch import plan_on_device
 from activepath.moe.types import DispatchPlan
@@ -64,6 +63,7 @@ from activepath.moe.weights import ExpertStore
 __all__ = ["PLAN_MAX_SLOTS", "TritonConfig", "available", "combine_sorted", "compile_kernels", "default_config",
            "interpreting", "max_blocks", "plan_on_device", "triton_experts", "unsupported_reason"]  # fmt: skip
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+_pow2 = launch.pow2  # the tests size their probe grids with it
 
 
 def unsupported_reason(store: ExpertStore, x_TH: torch.Tensor) -> str | None:
@@ -116,7 +116,7 @@ def combine_sorted(weighted_SH: torch.Tensor, plan: DispatchPlan, dtype: torch.d
     """y_TH[t] = the sum of token t's already-weighted rows of ``weighted_SH`` (sorted
     order), added in fp32 in ascending sorted position (= ascending expert id), cast to
     ``dtype``. Slots a capacity stage dropped are absent from the plan and add nothing."""
-    return _combine_sorted(weighted_SH, plan.position_S, plan.num_tokens, plan.top_k, dtype, block_h)
+    return launch.combine_sorted(weighted_SH, plan.position_S, plan.num_tokens, plan.top_k, dtype, block_h)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

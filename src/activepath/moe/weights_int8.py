@@ -73,7 +73,7 @@ class Int8ExpertWeights(nn.Module):
     bias_gate_up: torch.Tensor | None
     bias_down: torch.Tensor | None
 
-    def __init__(self, source: ExpertStore) -> None:  # noqa: D107 - see class docstring
+    def __init__(self, source: ExpertStore) -> None:
         super().__init__()
         self.activation: ActivationConfig = source.activation
         num_experts, hidden, inter = source.num_experts, source.hidden_size, source.intermediate_size

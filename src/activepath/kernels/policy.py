@@ -8,6 +8,7 @@ pipeline objects: ``kernels/`` imports nothing from ``moe/``, ``backends/`` or `
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ class Choice:
     def __post_init__(self) -> None:
         if not self.path or not isinstance(self.path, str):
             raise ValueError(f"Choice.path must be a non-empty string, got {self.path!r}")
+
+
+@functools.cache
+def _choice(path: str, reason: str) -> Choice:
+    """One shared ``Choice`` per (path, reason): stages ask on every call, so no new object each time."""
+    return Choice(path=path, reason=reason)
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
@@ -91,17 +98,21 @@ def select_experts(
     takes them; ``segment_rows``: rows per active expert (read only on the CPU)."""
     if native_fits:
         if store_format == "int8":
-            return Choice(path="native_int8", reason="int8 experts: their own kernel keeps up with BLAS at any rows")
+            return _choice("native_int8", "int8 experts: their own kernel keeps up with BLAS at any rows")
         return _native_choice(dtype, segment_rows, batch_invariant)
     if batch_invariant:
-        return Choice(path="torch_rowwise", reason="native kernels do not apply: one-row products keep rows alone")
+        return _choice("torch_rowwise", "native kernels do not apply: one-row products keep rows alone")
     if device_type != "cpu" and grouped_mm_fits:
-        return Choice(path="torch_grouped_mm", reason=f"{device_type}: grouped GEMM, no read back of the counts")
+        return _choice("torch_grouped_mm", "off the CPU: grouped GEMM, no read back of the counts")
     if grouped_mm_fits and len(segment_rows) * FEW_ACTIVE_RATIO > num_experts:
-        return Choice(path="torch_grouped_mm", reason=f"{len(segment_rows)} of {num_experts} experts active")
+        return _choice("torch_grouped_mm", f"more than 1/{FEW_ACTIVE_RATIO} of the experts active: one grouped GEMM")
     if not grouped_mm_fits and grad_mode():
-        return Choice(path="torch_loop", reason="grad mode: torch's grouped GEMM steps aside, a loop over the experts")
-    return Choice(path="torch_loop", reason=f"{len(segment_rows)} of {num_experts} experts active: loop over them")
+        return _choice("torch_loop", "grad mode: torch's grouped GEMM steps aside, a loop over the experts")
+    return _choice("torch_loop", f"at most 1/{FEW_ACTIVE_RATIO} of the experts active: a loop over them")
+
+
+_PANEL_WHY = f"CPU experts within the native row limit, some >= {PANEL_ROWS} rows → panel kernel"
+_DOT_WHY = f"CPU experts within the native row limit, all < {PANEL_ROWS} rows (or bf16) → dot kernel"
 
 
 def _native_choice(dtype: torch.dtype, segment_rows: Sequence[int], batch_invariant: bool) -> Choice:
@@ -109,11 +120,11 @@ def _native_choice(dtype: torch.dtype, segment_rows: Sequence[int], batch_invari
     small = [n for n in segment_rows if limit is None or n <= limit]
     kernel = "native_panel" if use_panel(dtype, small, batch_invariant=batch_invariant) else "native_dot"
     if len(small) < len(segment_rows):
-        return Choice(path=f"{kernel}+blas", reason=f"{dtype} experts past {limit} rows → BLAS, the rest native")
+        return _choice(f"{kernel}+blas", "experts past the native row limit → BLAS, the rest native")
     if batch_invariant:
-        return Choice(path=kernel, reason="batch-invariant: every expert in the dot kernel (fixed summation order)")
-    why = f">= {PANEL_ROWS} rows → panel kernel" if kernel == "native_panel" else f"< {PANEL_ROWS} rows → dot kernel"
-    return Choice(path=kernel, reason=f"{dtype} CPU, {len(segment_rows)} experts <= {limit} rows, {why}")
+        return _choice(kernel, "batch-invariant: every expert in the dot kernel (fixed summation order)")
+    why = _PANEL_WHY if kernel == "native_panel" else _DOT_WHY
+    return _choice(kernel, why)
 
 
 def grouped_mm_fits(*, available: bool, dtype: torch.dtype, device_type: str, num_rows: int,
@@ -143,12 +154,12 @@ def select_dispatch(*, capacity: bool, ids_dtype: torch.dtype, device_type: str,
     code), ``"device_sort"`` (off the CPU without reading back: the one-launch Triton plan on
     CUDA where it applies, else torch's sort and searchsorted) or ``"torch_sort"``."""
     if capacity:
-        return Choice(path="torch_sort", reason="a capacity mask: torch's sort with a sentinel for dropped slots")
+        return _choice("torch_sort", "a capacity mask: torch's sort with a sentinel for dropped slots")
     if ids_dtype == torch.int64 and device_type == "cpu" and contiguous and native_available:
-        return Choice(path="native_sort", reason="int64 CPU ids: one native counting sort")
+        return _choice("native_sort", "int64 CPU ids: one native counting sort")
     if device_type != "cpu":
-        return Choice(path="device_sort", reason=f"{device_type}: a plan without reading counts back")
-    return Choice(path="torch_sort", reason="no native kernels for these ids: torch's stable sort")
+        return _choice("device_sort", "off the CPU: a plan without reading counts back")
+    return _choice("torch_sort", "no native kernels for these ids: torch's stable sort")
 
 
 # -- the router and the combine --------------------------------------------------------------
@@ -159,8 +170,8 @@ def select_router(*, plain_softmax_topk: bool, num_tokens: int, inputs_fit: bool
     """Whether ``route`` runs logits and top-k in one native call (``"native_fused_router"``):
     plain softmax top-k routing of fp32 CPU inputs the kernel takes, without autograd."""
     if plain_softmax_topk and num_tokens > 0 and inputs_fit and not autograd and native_available:
-        return Choice(path="native_fused_router", reason="fp32 CPU softmax top-k: logits and top-k in one call")
-    return Choice(path="torch", reason="not plain fp32 CPU softmax top-k without autograd")
+        return _choice("native_fused_router", "fp32 CPU softmax top-k: logits and top-k in one call")
+    return _choice("torch", "not plain fp32 CPU softmax top-k without autograd")
 
 
 def select_router_topk(*, plain_softmax_topk: bool, logits_dtype: torch.dtype, device_type: str, autograd: bool,
@@ -170,8 +181,8 @@ def select_router_topk(*, plain_softmax_topk: bool, logits_dtype: torch.dtype, d
     softmax routing of fp32 CPU logits without autograd, else ``"torch"``."""
     fits = logits_dtype == torch.float32 and device_type == "cpu"
     if plain_softmax_topk and fits and not autograd and native_available:
-        return Choice(path="native_topk", reason="fp32 CPU logits, plain softmax top-k")
-    return Choice(path="torch", reason="grouped, biased or non-softmax routing, autograd, or not fp32 CPU")
+        return _choice("native_topk", "fp32 CPU logits, plain softmax top-k")
+    return _choice("torch", "grouped, biased or non-softmax routing, autograd, or not fp32 CPU")
 
 
 def select_combine(*, fits_native: bool, native_available: bool, device_type: str) -> Choice:
@@ -179,10 +190,10 @@ def select_combine(*, fits_native: bool, native_available: bool, device_type: st
     inputs and no graph is recorded; else ``"torch_index_add"`` on the CPU and
     ``"torch_gather_sum"`` elsewhere (``index_add_`` adds with atomics there: run-to-run sums)."""
     if fits_native and not grad_mode() and native_available:
-        return Choice(path="native_combine", reason="fp32/bf16 CPU rows, no autograd")
+        return _choice("native_combine", "fp32/bf16 CPU rows, no autograd")
     if device_type != "cpu":
-        return Choice(path="torch_gather_sum", reason=f"{device_type}: deterministic gather and sum, no atomics")
-    return Choice(path="torch_index_add", reason="CPU index_add_ in slot order")
+        return _choice("torch_gather_sum", "off the CPU: deterministic gather and sum, no atomics")
+    return _choice("torch_index_add", "CPU index_add_ in slot order")
 
 
 # -- dense linears ---------------------------------------------------------------------------
@@ -212,10 +223,10 @@ def select_linear(*, rows: int, max_rows: int, same_dtype: bool, autograd: bool,
     ``PANEL_MIN_OUT_FEATURES`` outputs), ``"native_dot"``, or ``"torch"`` (past ``max_rows``
     rows, a dtype mismatch, autograd, or weights the kernel does not take)."""
     if not (0 < rows <= max_rows and same_dtype and not autograd and weight_fits):
-        return Choice(path="torch", reason=f"{rows} rows (native up to {max_rows}), autograd or unsupported weights")
+        return _choice("torch", "past the row limit, autograd, a dtype mismatch or unsupported weights")
     if rows >= PANEL_ROWS and weight_dtype == torch.float32 and out_features >= PANEL_MIN_OUT_FEATURES:
-        return Choice(path="native_panel", reason=f"fp32, {rows} >= {PANEL_ROWS} rows, {out_features} outputs")
-    return Choice(path="native_dot", reason=f"{rows} rows of {weight_dtype}")
+        return _choice("native_panel", f"fp32, >= {PANEL_ROWS} rows, >= {PANEL_MIN_OUT_FEATURES} outputs")
+    return _choice("native_dot", "few rows, narrow or bf16 weights: the dot kernel")
 
 
 # -- the one-token (decode) path -------------------------------------------------------------
@@ -226,5 +237,5 @@ def select_decode_path(*, num_tokens: int, capacity: bool, one_token_backend: bo
     """``"native_decode"``: one token through the layer in two native calls (router + plan +
     gate/up, then down + combine), the general path's bits; ``"general"`` otherwise."""
     if num_tokens == 1 and not capacity and one_token_backend and plain_router and store_fits and fused_router:
-        return Choice(path="native_decode", reason="one fp32 CPU token, dot-kernel backend, native router")
-    return Choice(path="general", reason="not one token through a dot-kernel backend and the native router")
+        return _choice("native_decode", "one fp32 CPU token, dot-kernel backend, native router")
+    return _choice("general", "not one token through a dot-kernel backend and the native router")

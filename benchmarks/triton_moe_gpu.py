@@ -49,7 +49,7 @@ def check_correctness() -> list[str]:
 
     import activepath
     from activepath import ActivationConfig, ExpertWeights, plan_dispatch
-    from activepath.kernels.triton import moe as triton_moe
+    from activepath.backends import triton as triton_moe
     from activepath.tolerances import MODEL_LOGITS_ATOL_FP32, tolerance
 
     failures: list[str] = []
@@ -108,7 +108,7 @@ def sweep_tiles(tokens_list: list[int], iters: int = 20, *, device: str = "cuda"
     the distinct experts' weights read and 6·H·I FLOPs per slot. (``device``/``shape`` let
     the script itself be checked on CPU under the interpreter, on a tiny layer.)"""
     from activepath import ActivationConfig, ExpertWeights, plan_dispatch
-    from activepath.kernels.triton import moe as triton_moe
+    from activepath.backends import triton as triton_moe
     from activepath.bench.timing import Clock
 
     num_experts, hidden, inter, top_k = shape
@@ -160,7 +160,7 @@ def _kernels_only_ms(layers: list, x: torch.Tensor, plan: object, w: torch.Tenso
     """Median ms of ``triton_experts`` replayed from CUDA graphs (one per weight copy, in
     rotation between two events): the kernels without the host's launch costs. None, with
     the reason printed, if capture fails."""
-    from activepath.kernels.triton import moe as triton_moe
+    from activepath.backends import triton as triton_moe
 
     return _graph_ms([lambda layer=layer: triton_moe.triton_experts(layer, x, plan, topk_weights_TK=w, config=config)
                       for layer in layers], iters, str(config))  # fmt: skip

@@ -153,7 +153,7 @@ def test_untuned_allocator_is_in_the_command_and_the_report(tmp_path):
 
 
 def test_layer_compares_experts_backends_by_name(tmp_path):
-    from activepath.kernels.triton import moe as triton_moe
+    from activepath.backends import triton as triton_moe
 
     fused = "triton" if triton_moe.available() and triton_moe.interpreting() else "rowwise"
     out = tmp_path / "backends"

@@ -24,7 +24,7 @@ from activepath import (
 )
 from activepath.moe import dispatch
 from activepath.kernels import cpu as native
-from activepath.kernels.triton import moe as triton_moe
+from activepath.backends import triton as triton_moe
 from activepath.tolerances import tolerance, triton_tolerance
 from oracle import _act, moe_oracle
 
@@ -348,11 +348,10 @@ def test_a_backend_that_fuses_the_combine(monkeypatch: pytest.MonkeyPatch) -> No
         calls.append(tuple(topk_weights_TK.shape))
         return combine(get_backend("reference")(weights, x_TH, plan), plan, topk_weights_TK)
 
-    from activepath.moe import experts
+    from activepath.backends import registry
 
-    # registered into copies of the registry, so no other test sees it
-    monkeypatch.setattr(experts, "_BACKENDS", dict(experts._BACKENDS))
-    monkeypatch.setattr(experts, "_FUSES_COMBINE", set(experts._FUSES_COMBINE))
+    # registered into a copy of the registry, so no other test sees it
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     register_backend("test_fused", fused, fuses_combine=True)
     assert fuses_combine("test_fused") and not fuses_combine("grouped")
     layer = make_layer(seed=4)
@@ -394,7 +393,7 @@ def test_grouped_off_the_cpu_reads_no_counts_back() -> None:
     # device, and the combine gathers by the plan's positions: no read of the counts (a
     # sync there). The meta device runs that path end to end (bf16, as CUDA requires) and
     # would fail on any read of a value.
-    from activepath.moe import experts as experts_mod
+    from activepath.backends import torch as experts_mod
 
     gen = torch.Generator().manual_seed(0)
     ids_TK = torch.rand(7, E, generator=gen).topk(K, dim=1).indices

@@ -14,7 +14,7 @@ import torch
 
 import activepath
 from activepath import ActivationConfig, ExpertWeights, combine, fuses_combine, plan_dispatch
-from activepath.kernels.triton import moe as triton_moe
+from activepath.backends import triton as triton_moe
 from activepath.tolerances import MODEL_LOGITS_ATOL_FP32, triton_tolerance
 from families import tiny_model
 from oracle import moe_oracle
@@ -207,7 +207,7 @@ def test_kernels_compile_for_the_gpu(arch: int) -> None:
     # What the interpreter cannot check: the compiled-mode rules, lowering to PTX and cubin
     # for Ampere / Hopper, and tensor cores for the half-precision GEMMs. Triton fixes its
     # mode at import, so this runs in a process of its own with the interpreter off.
-    script = ("import json, sys; from activepath.kernels.triton import moe as triton_moe; "
+    script = ("import json, sys; from activepath.backends import triton as triton_moe; "
               f"ptx = triton_moe.compile_kernels({arch}); "
               "json.dump({k: ('mma' in v, len(v)) for k, v in ptx.items()}, sys.stdout)")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -223,10 +223,9 @@ def test_kernels_compile_for_the_gpu(arch: int) -> None:
 def test_other_tiles_are_one_registration_away(monkeypatch: pytest.MonkeyPatch) -> None:
     import functools
 
-    from activepath.moe import experts
+    from activepath.backends import registry
 
-    monkeypatch.setattr(experts, "_BACKENDS", dict(experts._BACKENDS))
-    monkeypatch.setattr(experts, "_FUSES_COMBINE", set(experts._FUSES_COMBINE))
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     tiles = triton_moe.TritonConfig(block_m=32, block_n=16, block_k=32)
     activepath.register_backend("triton_m32", functools.partial(triton_moe.triton_experts, config=tiles),
                                 fuses_combine=True)  # fmt: skip

@@ -5,15 +5,9 @@ from __future__ import annotations
 from activepath.adapters import OptimizeOptions, supported_model_types
 from activepath.moe.combine import combine
 from activepath.moe.dispatch import DispatchPlan, plan_dispatch
-from activepath.moe.experts import (
-    ActivationConfig,
-    ExpertWeights,
-    backend_names,
-    fuses_combine,
-    get_backend,
-    is_batch_invariant,
-    register_backend,
-)
+from activepath.backends import backend_names, fuses_combine, get_backend, is_batch_invariant, register_backend
+from activepath.moe.activation import ActivationConfig
+from activepath.moe.weights import ExpertWeights
 from activepath.api import load, moe_layers, optimize
 from activepath.moe.layer import MoEStats, SharedExperts, SparseMoE
 from activepath.runtime.process import AllocatorConfig, AllocatorState, freeze_loaded_objects, frozen_gc, tune_allocator

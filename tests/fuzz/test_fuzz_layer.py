@@ -23,7 +23,7 @@ from activepath import (
     SparseMoE,
     backend_names,
 )
-from activepath.kernels.triton import moe as triton_moe
+from activepath.backends import triton as triton_moe
 from activepath.moe.capacity import CapacityConfig, expert_capacity
 from activepath.tolerances import tolerance
 from activepath.runtime.workspace import Workspace

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from activepath.validation import check_choice, check_positive_int
-from activepath.moe.experts import ActivationConfig, ExpertWeights, get_backend
+from activepath.backends import get_backend
+from activepath.moe.activation import ActivationConfig
+from activepath.moe.weights import ExpertWeights
 from activepath.moe.layer import SparseMoE
 from activepath.moe.weights_int8 import quantize_experts
 from activepath.moe.routing import RouterConfig
@@ -23,7 +25,7 @@ from activepath.moe.routing import RouterConfig
 class OptimizeOptions:
     """Options of ``activepath.optimize``.
 
-    backend: experts backend name (see ``activepath.moe.experts.backend_names()``).
+    backend: experts backend name (see ``activepath.backends.backend_names()``).
     collect_stats: record per-call ``MoEStats`` on every layer (costs a few timer calls).
     top_k: override the model's experts per token (fewer = faster, less exact); None keeps it.
     expert_dtype: "native" keeps the model's expert weights; "int8" packs them per output

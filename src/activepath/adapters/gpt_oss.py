@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from activepath.moe.experts import ActivationConfig, ExpertWeights
+from activepath.moe.activation import ActivationConfig
+from activepath.moe.weights import ExpertWeights
 from activepath.moe.layer import SparseMoE
 from activepath.moe.routing import Router, RouterConfig
 from activepath.adapters.base import FamilyAdapter, OptimizeOptions, finish

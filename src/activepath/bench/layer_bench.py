@@ -12,6 +12,7 @@ Shape legend: T tokens, H hidden, E experts, K experts per token.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -22,9 +23,9 @@ from torch import nn
 
 from activepath.validation import check_choice, check_positive_int
 from activepath.adapters import OptimizeOptions, adapter_for
-from activepath.moe.combine import combine
+from activepath.backends.registry import get_backend
+from activepath.bench.dense_baseline import dense_forward
 from activepath.moe.dispatch import plan_dispatch
-from activepath.moe.experts import fuses_combine, get_backend
 from activepath.moe.layer import SparseMoE
 from activepath.bench.arith import ExpertLoad, MoEGeometry, distinct_experts, expert_load, moe_flops, percent_of, weight_bytes
 from activepath.bench.build import build_model, moe_blocks
@@ -85,6 +86,7 @@ class LayerRow:
     smfu_pct: float | None
     routing_overhead_ratio: float | None
     stage_median_s: dict[str, float] | None
+    experts_path: str | None  # the kernel path the experts took (kernels.policy), None for hf-*
     max_abs_diff_vs_first_impl: float | None
     samples_s: list[float]
 
@@ -203,33 +205,34 @@ def _mean_load(counts: list[torch.Tensor]) -> ExpertLoad:
     )
 
 
-Runner = Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, dict[str, float] | None]]
+Runner = Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, dict[str, float] | None, str | None]]
 
 
 def _runner(impl: str, model: nn.Module, blocks: list[nn.Module], layers: list[SparseMoE], backend: str) -> Runner:
-    """``run(copy, x_1TH, stats) → (y, stage seconds or None)`` for one implementation.
-    ``activepath`` runs ``backend``, ``activepath:NAME`` the experts backend NAME; ``stats``
-    turns the layer's stage clocks on (``dense`` always clocks its stages)."""
+    """``run(copy, x_1TH, stats) → (y, stage seconds or None, experts path or None)`` for one
+    implementation. ``activepath`` runs ``backend``, ``activepath:NAME`` the experts backend NAME;
+    ``stats`` turns the layer's stage clocks on (``dense`` always clocks its stages)."""
     if impl == "activepath" or impl.startswith("activepath:"):
         name = impl.partition(":")[2] or backend
 
-        def run(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, dict[str, float] | None]:
+        def run(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, dict[str, float] | None, str | None]:
             layers[c].backend = name  # the layers are shared by every activepath impl
             layers[c].collect_stats = stats
             layers[c].last_stats = None
-            return _output(layers[c](x)), _stage_times(layers[c])
+            y, s = _output(layers[c](x)), layers[c].last_stats
+            return y, _stage_times(layers[c]), None if s is None else s.experts_path
         return run
     if impl == "dense":
-        def run_dense(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, dict[str, float] | None]:
+        def run_dense(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, dict[str, float], str]:
             layers[c].backend = backend
             return dense_forward(layers[c], x)
         return run_dense
     hf_impl = impl.removeprefix("hf-")
 
-    def run_hf(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, dict[str, float] | None]:
+    def run_hf(c: int, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, None, None]:
         if model.config._experts_implementation != hf_impl:
             model.set_experts_implementation(hf_impl)
-        return _output(blocks[c](x)), None
+        return _output(blocks[c](x)), None, None
     return run_hf
 
 
@@ -246,36 +249,6 @@ def _stage_times(layer: SparseMoE) -> dict[str, float] | None:
             "combine_s": s.combine_s, "shared_s": s.shared_s}
 
 
-def dense_forward(layer: SparseMoE, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """The no-sparsity baseline: every expert on every token, non-chosen experts weighted 0,
-    through the same stages and backend as activepath (so the output matches it)."""
-    clock = Clock(x.device)
-    x_TH = x.reshape(-1, x.shape[-1])
-    num_tokens, num_experts = x_TH.shape[0], layer.experts.num_experts
-    t0 = clock.now()
-    routing = layer.router(x_TH)
-    weights_TE = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=x.device)
-    weights_TE.scatter_(1, routing.topk_ids_TK, routing.topk_weights_TK.float())
-    t1 = clock.now()
-    all_ids_TE = torch.arange(num_experts, device=x.device).expand(num_tokens, num_experts)
-    plan = plan_dispatch(all_ids_TE, num_experts)
-    t2 = clock.now()
-    if fuses_combine(layer.backend):
-        y_TH = get_backend(layer.backend)(layer.experts, x_TH, plan, topk_weights_TK=weights_TE)
-        t3 = t4 = clock.now()
-    else:
-        out_SH = get_backend(layer.backend)(layer.experts, x_TH, plan)
-        t3 = clock.now()
-        y_TH = combine(out_SH, plan, weights_TE)
-        t4 = clock.now()
-    if layer.shared is not None:
-        y_TH = y_TH + layer.shared(x_TH)
-    t5 = clock.now()
-    stages = {"routing_s": t1 - t0, "dispatch_s": t2 - t1, "experts_s": t3 - t2, "combine_s": t4 - t3,
-              "shared_s": t5 - t4}
-    return y_TH.view(x.shape), stages
-
-
 def _measure(
     impl: str, run: Runner, tokens: int, inputs: list[torch.Tensor], counts: list[torch.Tensor], copies: int,
     geom: MoEGeometry, roofline: Roofline | None, config: LayerBenchConfig, device: str,
@@ -285,7 +258,7 @@ def _measure(
     # ahead), so the timed calls run without them and as many synchronised calls after
     # them give the stage split alone.
     clocked = torch.device(device).type == "cpu"
-    y_first, _ = run(0, inputs[0], clocked)
+    y_first, _, path = run(0, inputs[0], True)  # untimed: the output to compare and the experts' path
     stages: list[dict[str, float]] = []
     sample_idx: list[int] = []
     last: dict[str, dict[str, float] | None] = {}
@@ -317,7 +290,7 @@ def _measure(
         smbu_pct=percent_of(gbps, roofline.bandwidth_GBps if roofline else None), flops=flops,
         achieved_GFLOPs=gflops, smfu_pct=percent_of(gflops, roofline.gemm_GFLOPs if roofline else None),
         routing_overhead_ratio=_overhead(stages, stage_walls), stage_median_s=_stage_medians(stages),
-        max_abs_diff_vs_first_impl=None, samples_s=samples,
+        experts_path=path, max_abs_diff_vs_first_impl=None, samples_s=samples,
     ), y_first
 
 
@@ -336,9 +309,7 @@ def _stage_medians(stages: list[dict[str, float]]) -> dict[str, float] | None:
 
 
 def _with_diff(row: LayerRow, diff: float | None) -> LayerRow:
-    from dataclasses import replace
-
-    return replace(row, max_abs_diff_vs_first_impl=diff)
+    return dataclasses.replace(row, max_abs_diff_vs_first_impl=diff)
 
 
 def _method_text(copies: int, config: LayerBenchConfig, device: str = "cpu") -> str:

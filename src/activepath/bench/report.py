@@ -107,8 +107,8 @@ def _layer_md(layer: dict[str, Any]) -> list[str]:
         f"{cold[layer['cold_weights']]}.", "",
         f"Method: {layer['method']}", "",
         "| impl | T | median ms | p95 ms | n | experts touched | MB read | GB/s | S-MBU % | GFLOP/s | S-MFU % "
-        "| routing overhead | load max/mean | idle experts | max abs diff vs first impl |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| routing overhead | load max/mean | idle experts | max abs diff vs first impl | experts path |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in layer["rows"]:
         load = layer["load_by_tokens"][str(row["tokens"])]
@@ -118,7 +118,7 @@ def _layer_md(layer: dict[str, Any]) -> list[str]:
             f"| {row['distinct_experts_mean']:.1f} | {row['weight_bytes_mean'] / 1e6:.1f} | {row['achieved_GBps']:.2f} "
             f"| {_num(row['smbu_pct'], 1)} | {row['achieved_GFLOPs']:.2f} | {_num(row['smfu_pct'], 1)} "
             f"| {_num(row['routing_overhead_ratio'], 3)} | {load['max_over_mean']:.2f} | {load['idle_experts']} "
-            f"| {_sci(row['max_abs_diff_vs_first_impl'])} |"
+            f"| {_sci(row['max_abs_diff_vs_first_impl'])} | {row.get('experts_path') or 'n/m'} |"
         )
     return lines + ["", "Routing overhead = (routing + dispatch + combine) / layer time; n/m = not measured.", ""]
 

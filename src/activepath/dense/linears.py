@@ -19,18 +19,19 @@ from torch import nn
 
 from activepath.kernels import cpu as native
 from activepath.kernels.cpu import int8 as native_int8
+from activepath.kernels.policy import (
+    LINEAR_MAX_ROWS,
+    LINEAR_MAX_ROWS_BF16,
+    LINEAR_MIN_WEIGHT_BYTES,
+    PANEL_MIN_OUT_FEATURES,
+    linear_max_rows,
+    needs_autograd,
+    select_linear,
+)
 
-# Up to this many rows the native kernels measured faster than BLAS (see NATIVE_MAX_ROWS
-# and NATIVE_MAX_ROWS_BF16 in experts.py). fp32, Qwen3-30B-A3B attention shapes at 16-256
-# rows: the panel kernel 1.1-2.2x BLAS for [4096, 2048] and [2048, 4096] weights.
-LINEAR_MAX_ROWS = 256
-LINEAR_MAX_ROWS_BF16 = 12
-# The panel kernel splits work in blocks of 48 weight rows; narrower layers (k/v projections,
-# [512, 2048]) leave too few blocks to balance and measured faster in the dot kernel.
-PANEL_MIN_OUT_FEATURES = 1024
-# Smaller weights stay in cache between steps, where BLAS is as fast and the ~10 us of a
-# native call's checks and ctypes dispatch would be pure overhead.
-LINEAR_MIN_WEIGHT_BYTES = 1 << 20
+# The thresholds are the kernel policy's (measurements in kernels/policy.py); re-exported here.
+__all__ = ["LINEAR_MAX_ROWS", "LINEAR_MAX_ROWS_BF16", "LINEAR_MIN_WEIGHT_BYTES", "PANEL_MIN_OUT_FEATURES",
+           "Int8Linear", "patch_linears", "quantize_linears", "unpatch_linears"]  # fmt: skip
 
 
 def patch_linears(
@@ -51,7 +52,7 @@ def patch_linears(
             and weight.device.type == "cpu"
             and weight.numel() * weight.element_size() >= min_weight_bytes
         ):
-            rows = max_rows if weight.dtype == torch.float32 else min(max_rows, LINEAR_MAX_ROWS_BF16)
+            rows = linear_max_rows(weight.dtype, max_rows)
             module.forward = types.MethodType(_make_forward(rows), module)
             module._activepath_patched = True
             patched += 1
@@ -72,20 +73,16 @@ def unpatch_linears(model: nn.Module) -> int:
 def _make_forward(max_rows: int):
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         x_MK = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-        if (
-            0 < x_MK.shape[0] <= max_rows
-            and x.dtype == self.weight.dtype
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and native.supports_weight(self.weight)
-        ):
-            bias = None if self.bias is None else self.bias.float()
-            panel = (
-                x_MK.shape[0] >= native.PANEL_ROWS
-                and self.weight.dtype == torch.float32
-                and self.weight.shape[0] >= PANEL_MIN_OUT_FEATURES
-            )
-            y_MN = native.linear(x_MK.float().contiguous(), self.weight, bias, panel=panel).to(x.dtype)
-            return y_MN.reshape(*x.shape[:-1], y_MN.shape[-1])
+        rows = x_MK.shape[0]
+        if 0 < rows <= max_rows:  # the cheap exit first: past it the layer is BLAS's
+            choice = select_linear(rows=rows, max_rows=max_rows, same_dtype=x.dtype == self.weight.dtype,
+                                   autograd=needs_autograd(x), weight_fits=native.supports_weight(self.weight),
+                                   weight_dtype=self.weight.dtype, out_features=self.weight.shape[0])  # fmt: skip
+            if choice.path != "torch":
+                bias = None if self.bias is None else self.bias.float()
+                panel = choice.path == "native_panel"
+                y_MN = native.linear(x_MK.float().contiguous(), self.weight, bias, panel=panel).to(x.dtype)
+                return y_MN.reshape(*x.shape[:-1], y_MN.shape[-1])
         return F.linear(x, self.weight, self.bias)
 
     return forward
@@ -109,9 +106,7 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
         x_MK = x.reshape(-1, self.in_features).float()
-        if x_MK.shape[0] and native_int8.available() and x_MK.device.type == "cpu" and not (
-            torch.is_grad_enabled() and x_MK.requires_grad
-        ):
+        if x_MK.shape[0] and native_int8.available() and x_MK.device.type == "cpu" and not needs_autograd(x_MK):
             y_MN = native_int8.linear_i8(x_MK.contiguous(), self.q_weight, self.scale, self.bias)
         else:
             y_MN = F.linear(x_MK, self.q_weight.float() * self.scale.unsqueeze(1), self.bias)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from activepath.kernels import cpu as native
+from activepath.kernels.policy import Choice, grad_mode, select_combine
 from activepath.moe.dispatch import DispatchPlan
 
 
@@ -21,7 +22,8 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
     id) — an order that depends only on the token's own routing, so the result does not
     depend on thread scheduling nor on which tokens share the batch.
     """
-    if _native_applies(out_sorted_SH, topk_weights_TK, plan):
+    path = _select(out_sorted_SH, topk_weights_TK, plan).path
+    if path == "native_combine":
         # Same products, same order, same bits as below, in one call (inputs checked above).
         y_TH = native.combine_prechecked(
             out_sorted_SH, topk_weights_TK, plan.order_S, plan.token_idx_S, plan.num_tokens
@@ -29,11 +31,11 @@ def combine(out_sorted_SH: torch.Tensor, plan: DispatchPlan, topk_weights_TK: to
         return y_TH if out_sorted_SH.dtype == torch.float32 else y_TH.to(out_sorted_SH.dtype)
     acc = torch.promote_types(out_sorted_SH.dtype, torch.float32)
     w_sorted_S1 = topk_weights_TK.reshape(-1).index_select(0, plan.order_S).to(acc).unsqueeze(1)
-    if out_sorted_SH.dtype == acc and not torch.is_grad_enabled():
+    if out_sorted_SH.dtype == acc and not grad_mode():
         weighted_SH = out_sorted_SH.mul_(w_sorted_S1)
     else:
         weighted_SH = out_sorted_SH.to(acc) * w_sorted_S1
-    if out_sorted_SH.device.type != "cpu":
+    if path == "torch_gather_sum":
         return _gather_sum(weighted_SH, plan).to(out_sorted_SH.dtype)
     y_TH = torch.zeros(plan.num_tokens, out_sorted_SH.shape[1], dtype=acc, device=out_sorted_SH.device)
     return y_TH.index_add_(0, plan.token_idx_S, weighted_SH).to(out_sorted_SH.dtype)
@@ -59,10 +61,9 @@ def token_slot_positions(plan: DispatchPlan, *, missing: int, dtype: torch.dtype
     return pos_S.to(dtype).view(plan.num_tokens, plan.top_k).sort(dim=1).values
 
 
-def _native_applies(out_sorted_SH: torch.Tensor, topk_weights_TK: torch.Tensor, plan: DispatchPlan) -> bool:
-    return (
-        out_sorted_SH.dim() == 2
-        and not torch.is_grad_enabled()
-        and native.combine_inputs_fit(out_sorted_SH, topk_weights_TK, plan.order_S, plan.token_idx_S)
-        and native.available()
-    )
+def _select(out_sorted_SH: torch.Tensor, topk_weights_TK: torch.Tensor, plan: DispatchPlan) -> Choice:
+    # grad_mode() first (inside select_combine): the native fit checks cost more.
+    fits = out_sorted_SH.dim() == 2 and not grad_mode() and native.combine_inputs_fit(
+        out_sorted_SH, topk_weights_TK, plan.order_S, plan.token_idx_S)  # fmt: skip
+    return select_combine(fits_native=fits, native_available=native.available(),
+                          device_type=out_sorted_SH.device.type)  # fmt: skip

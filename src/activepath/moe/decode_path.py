@@ -23,16 +23,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from activepath.kernels import cpu as native
-from activepath.moe.experts import ExpertWeights, activate_into, gated_activation
 from activepath.kernels.cpu import token as native_token
-from activepath.moe.weights_int8 import Int8ExpertWeights
-from activepath.moe.routing import Router, RoutingResult, fused_native_router_applies
+from activepath.kernels.policy import select_decode_path
+from activepath.moe.activation import activate_into, gated_activation
+from activepath.moe.routing import Router, fused_native_router_applies
+from activepath.moe.types import RoutingResult
+from activepath.moe.weights import ExpertStore
 
 if TYPE_CHECKING:
     from activepath.moe.layer import SparseMoE
 
-# Backends whose one-token path is the native dot kernel for every expert.
-BACKENDS = ("grouped", "native")
+PATH = "native_decode"  # the Choice.path of this path, recorded in MoEStats
 
 
 @dataclass(frozen=True)
@@ -48,30 +49,34 @@ class TokenResult:
     dispatch_s: float
     experts_s: float
     combine_s: float
+    path: str = PATH
 
 
 def applies(layer: SparseMoE, x_TH: torch.Tensor) -> bool:
     """Whether ``run`` computes what the general path would, the same way: one fp32 CPU
-    token, no capacity stage, a dot-kernel backend, activepath's own router where the fused
-    native one applies, and experts the native kernels take in place: plain fp32 weights
-    without biases (not GPT-OSS's transposed ones), or int8 ones (``Int8ExpertWeights``)."""
+    token, no capacity stage, a backend whose spec declares ``one_token_path``, activepath's
+    own router where the fused native one applies, and experts the native kernels take in
+    place: plain fp32 ``"nk"`` weights without biases (not GPT-OSS's ``"kn"`` ones), or int8."""
+    if x_TH.shape[0] != 1:
+        return False  # the cheap exit first: this runs once per layer per call
     router = layer.router
-    return (
-        x_TH.shape[0] == 1
-        and layer.capacity is None
-        and layer.backend in BACKENDS
-        and type(router) is Router  # not a wrapper (the serving runner's row-wise router)
-        and _experts_fit(layer.experts)
-        and fused_native_router_applies(router.config, x_TH, router.weight, router.bias, router.correction_bias)
+    plain_router = type(router) is Router  # not a wrapper (the serving runner's row-wise router)
+    choice = select_decode_path(
+        num_tokens=x_TH.shape[0], capacity=layer.capacity is not None,
+        one_token_backend=layer.backend_spec.one_token_path, plain_router=plain_router,
+        store_fits=_experts_fit(layer.experts),
+        fused_router=plain_router and fused_native_router_applies(router.config, x_TH, router.weight, router.bias,
+                                                                  router.correction_bias),
     )  # fmt: skip
+    return choice.path == PATH
 
 
-def _experts_fit(experts: object) -> bool:
-    if type(experts) is Int8ExpertWeights:
-        return experts.q_gate_up.device.type == "cpu"
+def _experts_fit(experts: ExpertStore) -> bool:
+    if experts.format == "int8":
+        return experts.device.type == "cpu"
     return (
-        type(experts) is ExpertWeights
-        and not experts.transposed
+        experts.format == "float"
+        and experts.layout == "nk"
         and experts.b_gate_up is None and experts.b_down is None
         and experts.w_gate_up.dtype == experts.w_down.dtype == torch.float32
         and native.supports_weight(experts.w_gate_up) and native.supports_weight(experts.w_down)
@@ -85,7 +90,7 @@ def run(layer: SparseMoE, x_1H: torch.Tensor) -> TokenResult:
     route = (x_1H, router.weight, router.bias, config.top_k)
     options = {"normalize": config.normalize_topk, "scale": config.routed_scaling_factor}
     start = time.perf_counter()
-    if type(experts) is Int8ExpertWeights:
+    if experts.format == "int8":
         # The activation as Int8ExpertWeights.run_segments computes it.
         gate_up = native_token.token_route_gate_up_i8(*route, **options, q_E2IH=experts.q_gate_up,
                                                      scale_E2I=experts.scale_gate_up, bias_E2I=experts.bias_gate_up)

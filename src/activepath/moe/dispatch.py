@@ -7,64 +7,13 @@ K experts per token, S = T*K slots, E experts.
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
-from functools import cached_property
-
 import torch
 
 from activepath.kernels import cpu as native
-
-
-@dataclass(frozen=True)
-class DispatchPlan:
-    """Slots sorted by expert (only the slots kept, when a capacity stage dropped some).
-
-    ``order_S[j]`` is the slot at sorted position j, ``expert_ids_S[j]`` its expert and
-    ``token_idx_S[j]`` its token; expert e owns sorted positions
-    ``offsets[e]:offsets[e+1]``, and ``counts_E[e]`` slots.
-    """
-
-    order_S: torch.Tensor
-    token_idx_S: torch.Tensor
-    expert_ids_S: torch.Tensor
-    counts_E: torch.Tensor
-    num_tokens: int
-    top_k: int
-    # the inverse of order_S, when the planner made it anyway (see ``position_S``)
-    given_position_S: torch.Tensor | None = field(default=None, repr=False, compare=False)
-
-    @cached_property
-    def position_S(self) -> torch.Tensor:
-        """int64 [T*K]: the sorted position of slot ``t*K + k``, -1 for a slot a capacity
-        stage dropped (the inverse of ``order_S``). On the device of ``order_S``."""
-        if self.given_position_S is not None:
-            return self.given_position_S
-        device = self.order_S.device
-        position_S = torch.full((self.num_tokens * self.top_k,), -1, dtype=torch.int64, device=device)
-        return position_S.index_put_((self.order_S,), torch.arange(self.order_S.shape[0], device=device))
-
-    @cached_property
-    def counts(self) -> tuple[int, ...]:
-        """``counts_E`` as host ints, read on first use. Off the CPU that read is the plan's
-        one device → host sync; backends that plan on the device (``triton``) never make
-        it, so a whole layer can run without waiting for the GPU (and be graph-captured)."""
-        return tuple(self.counts_E.tolist())
-
-    @cached_property
-    def offsets(self) -> tuple[int, ...]:
-        """Host ints: expert e owns sorted positions ``offsets[e]:offsets[e+1]``."""
-        return (0, *itertools.accumulate(self.counts))
-
-    @property
-    def active_experts(self) -> tuple[int, ...]:
-        """Experts that received at least one slot, ascending."""
-        return tuple(e for e, n in enumerate(self.counts) if n)
-
-    @property
-    def segments(self) -> list[tuple[int, int, int]]:
-        """``(expert, lo, hi)`` for each active expert: it owns sorted positions ``lo:hi``."""
-        return [(e, self.offsets[e], self.offsets[e + 1]) for e in self.active_experts]
+from activepath.kernels.policy import grad_mode, select_dispatch
+from activepath.kernels.triton import plan as triton_plan
+from activepath.moe.types import DispatchPlan
+from activepath.runtime.workspace import Workspace
 
 
 def plan_dispatch(
@@ -84,9 +33,12 @@ def plan_dispatch(
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids_TK.shape)}")
     num_tokens, top_k = topk_ids_TK.shape
-    if kept_TK is None and _native_plan_applies(topk_ids_TK):
+    choice = select_dispatch(capacity=kept_TK is not None, ids_dtype=topk_ids_TK.dtype,
+                             device_type=topk_ids_TK.device.type, contiguous=topk_ids_TK.is_contiguous(),
+                             native_available=native.available())  # fmt: skip
+    if choice.path == "native_sort":
         return _native_plan(topk_ids_TK, num_experts)
-    if kept_TK is None and topk_ids_TK.device.type != "cpu":
+    if choice.path == "device_sort":
         return _device_plan(topk_ids_TK, num_experts, validate)
     ids_S = topk_ids_TK.reshape(-1)
     bins = num_experts
@@ -116,9 +68,7 @@ def _device_plan(topk_ids_TK: torch.Tensor, num_experts: int, validate: bool) ->
     if validate:
         _check_in_range(ids_S, num_experts)
     if topk_ids_TK.device.type == "cuda":
-        from activepath.kernels.triton import moe as triton_moe  # one Triton launch instead of ~10 small torch ops (host time at decode)
-
-        plan = triton_moe.plan_on_device(topk_ids_TK, num_experts)
+        plan = plan_on_device(topk_ids_TK, num_experts)  # one Triton launch instead of ~10 small torch ops
         if plan is not None:
             return plan
     expert_ids_S, order_S = torch.sort(ids_S, stable=True)
@@ -134,13 +84,26 @@ def _device_plan(topk_ids_TK: torch.Tensor, num_experts: int, validate: bool) ->
     )
 
 
-def _native_plan_applies(topk_ids_TK: torch.Tensor) -> bool:
-    return (
-        topk_ids_TK.dtype == torch.int64
-        and topk_ids_TK.device.type == "cpu"
-        and topk_ids_TK.is_contiguous()
-        and native.available()
-    )
+def plan_on_device(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan | None:
+    """The plan of ``topk_ids_TK`` (ids in [0, E), unchecked) in one Triton launch: the same
+    order, token ids, expert ids and counts as ``plan_dispatch`` (a stable sort), plus each
+    slot's sorted position. None where it does not apply (see ``kernels.triton.plan``)."""
+    slots = triton_plan.plan_slots(topk_ids_TK, num_experts)
+    if slots is None:
+        return None
+    order_S, token_idx_S, expert_ids_S, position_S, counts_E = slots
+    num_tokens, top_k = topk_ids_TK.shape
+    return DispatchPlan(order_S=order_S, token_idx_S=token_idx_S, expert_ids_S=expert_ids_S, counts_E=counts_E,
+                        num_tokens=num_tokens, top_k=top_k, given_position_S=position_S)  # fmt: skip
+
+
+def gather_slots(x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None = None) -> torch.Tensor:
+    """Each slot's token row, in dispatch order: [S, H] (into ``workspace`` scratch when given)."""
+    # out= has no autograd, and a reused buffer saved for the backward would be overwritten.
+    if workspace is None or grad_mode():
+        return x_TH.index_select(0, plan.token_idx_S)
+    x_SH = workspace.empty("x", (plan.token_idx_S.shape[0], x_TH.shape[1]), x_TH.dtype, x_TH.device)
+    return torch.index_select(x_TH, 0, plan.token_idx_S, out=x_SH)
 
 
 def _native_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan:

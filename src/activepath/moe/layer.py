@@ -9,49 +9,21 @@ from __future__ import annotations
 import dataclasses
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from activepath.backends.registry import DIFFERENTIABLE_FALLBACK, BackendSpec, get_backend, run_experts
+from activepath.kernels.policy import grad_mode
 from activepath.moe import decode_path as token_path
 from activepath.moe.capacity import CapacityConfig, apply_capacity
-from activepath.moe.combine import combine
-from activepath.moe.dispatch import DispatchPlan, plan_dispatch
-from activepath.moe.experts import (
-    DIFFERENTIABLE_FALLBACK,
-    ExpertWeights,
-    fuses_combine,
-    get_backend,
-    is_batch_invariant,
-    is_differentiable,
-    uses_workspace,
-)
-from activepath.moe.routing import Router, RoutingResult
+from activepath.moe.dispatch import plan_dispatch
+from activepath.moe.routing import Router
+from activepath.moe.types import DispatchPlan, MoEStats, RoutingResult
+from activepath.moe.weights import ExpertStore
 from activepath.runtime.workspace import NO_LEASE, Workspace
 
-
-@dataclass(frozen=True)
-class MoEStats:
-    """What one call did. Times are wall seconds per stage (``shared_s`` is the dense
-    shared-expert path); ``tokens_per_expert_E`` counts slots routed to each expert."""
-
-    tokens_per_expert_E: torch.Tensor
-    routing_s: float
-    dispatch_s: float
-    experts_s: float
-    combine_s: float
-    shared_s: float
-
-    @property
-    def total_s(self) -> float:
-        return self.routing_s + self.dispatch_s + self.experts_s + self.combine_s + self.shared_s
-
-    @property
-    def routing_overhead_ratio(self) -> float:
-        """(routing + dispatch + combine) / layer time: the cost of being sparse."""
-        total = self.total_s
-        return (self.routing_s + self.dispatch_s + self.combine_s) / total if total > 0 else 0.0
+__all__ = ["MoEStats", "SharedExperts", "SparseMoE"]
 
 
 class SharedExperts(nn.Module):
@@ -87,7 +59,7 @@ class SparseMoE(nn.Module):
     def __init__(
         self,
         router: Router,
-        experts: ExpertWeights,
+        experts: ExpertStore,
         shared: SharedExperts | None = None,
         *,
         backend: str = "grouped",
@@ -125,6 +97,11 @@ class SparseMoE(nn.Module):
         self._backend = name
 
     @property
+    def backend_spec(self) -> BackendSpec:
+        """The registered ``BackendSpec`` of ``backend``: what the backend can do."""
+        return get_backend(self._backend)
+
+    @property
     def top_k(self) -> int:
         """Experts per token (the router's); settable, 1 <= top_k <= the layer's experts."""
         return self.router.config.top_k
@@ -154,7 +131,9 @@ class SparseMoE(nn.Module):
         if not grad and self.token_fast_path and token_path.applies(self, x_TH):
             return self._one_token(x, x_TH)
         # Gradients need torch ops throughout: a backend without a backward steps aside.
-        backend = self._backend if not grad or is_differentiable(self._backend) else DIFFERENTIABLE_FALLBACK
+        spec = get_backend(self._backend)
+        if grad and not spec.differentiable:
+            spec = get_backend(DIFFERENTIABLE_FALLBACK)
         clock = _StageClock(x_TH.device) if self.collect_stats else _NO_CLOCK
         routing = self.router(x_TH)
         kept_TK = None
@@ -164,28 +143,24 @@ class SparseMoE(nn.Module):
         # The router's top-k ids are in range by construction: no range check (a sync off the CPU).
         plan = plan_dispatch(routing.topk_ids_TK, self.experts.num_experts, kept_TK, validate=False)
         dispatch_s = clock.lap()
-        if fuses_combine(backend):  # one fused call; its combine is part of experts_s
-            y_TH = get_backend(backend)(self.experts, x_TH, plan, topk_weights_TK=routing.topk_weights_TK)
-            experts_s = clock.lap()
-        else:
-            # No shared scratch under autograd: buffers saved for the backward must not be reused.
-            with (NO_LEASE if grad else self._scratch(plan)) as workspace:
-                # The experts' output may live in the workspace: combined before it is released.
-                out_SH = self._experts(backend, x_TH, plan, workspace)
-                experts_s = clock.lap()
-                y_TH = combine(out_SH, plan, routing.topk_weights_TK)
-        combine_s = clock.lap()
+        # No shared scratch under autograd: buffers saved for the backward must not be reused.
+        # The experts' output may live in the workspace: run_experts combines it before release.
+        with (NO_LEASE if grad or not spec.uses_workspace else self._scratch(plan)) as workspace:
+            out = run_experts(spec, self.experts, x_TH, plan, routing.topk_weights_TK, workspace=workspace,
+                              record_path=self.collect_stats, lap=clock.lap)  # fmt: skip
+        y_TH = out.y_TH
         if self.shared is not None:
             y_TH = y_TH + self._shared(x_TH)
         shared_s = clock.lap()
         if self.collect_stats:
-            self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, experts_s, combine_s, shared_s)
+            self.last_stats = MoEStats(plan.counts_E, routing_s, dispatch_s, out.experts_s, out.combine_s, shared_s,
+                                       out.path)  # fmt: skip
         return y_TH.view(x.shape), routing
 
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         """Whether this call builds a graph through the routed experts (their output needs
         gradients w.r.t. the input, the router or the expert weights)."""
-        if not torch.is_grad_enabled():
+        if not grad_mode():
             return False  # no_grad / inference_mode: the decode case, one check
         return x.requires_grad or any(p.requires_grad for m in (self.router, self.experts) for p in m.parameters())
 
@@ -196,7 +171,7 @@ class SparseMoE(nn.Module):
         y_1H = result.y_1H if self.shared is None else result.y_1H + self._shared(x_1H)
         if self.collect_stats:
             self.last_stats = MoEStats(result.counts_E, result.routing_s, result.dispatch_s, result.experts_s,
-                                       result.combine_s, time.perf_counter() - start)  # fmt: skip
+                                       result.combine_s, time.perf_counter() - start, result.path)  # fmt: skip
         return y_1H.view(x.shape), result.routing
 
     def _scratch(self, plan: DispatchPlan) -> AbstractContextManager[Workspace | None]:
@@ -205,12 +180,6 @@ class SparseMoE(nn.Module):
         # The largest request: the fp32 expert outputs, [S, H]. At decode sizes the lease
         # (a lock and an object, once per layer per step) is skipped.
         return self.workspace.lease(plan.order_S.shape[0] * self.experts.hidden_size * 4)
-
-    def _experts(self, name: str, x_TH: torch.Tensor, plan: DispatchPlan, workspace: Workspace | None) -> torch.Tensor:
-        backend = get_backend(name)
-        if workspace is not None and uses_workspace(name):
-            return backend(self.experts, x_TH, plan, workspace=workspace)
-        return backend(self.experts, x_TH, plan)
 
     def _apply_capacity(self, routing: RoutingResult) -> tuple[RoutingResult, torch.Tensor]:
         assert self.capacity is not None
@@ -221,7 +190,7 @@ class SparseMoE(nn.Module):
 
     def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
         assert self.shared is not None
-        return self.shared(x_TH, row_wise=is_batch_invariant(self._backend))
+        return self.shared(x_TH, row_wise=self.backend_spec.batch_invariant)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

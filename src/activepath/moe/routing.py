@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from activepath.kernels import cpu as native
+from activepath.kernels.policy import needs_autograd, select_router, select_router_topk
+from activepath.moe.types import RoutingResult
 from activepath.validation import as_parameter
 from activepath.validation import check_choice
 from activepath.validation import check_positive_int
@@ -70,16 +72,6 @@ class RouterConfig:
             raise ValueError("order='topk_then_softmax' needs scoring='softmax' and n_group=1")
         if not self.routed_scaling_factor > 0:
             raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
-
-
-@dataclass(frozen=True)
-class RoutingResult:
-    """Expert choices per token. ``topk_weights_TK`` is fp32 (float64 for float64 input);
-    ``logits_TE`` as computed."""
-
-    topk_ids_TK: torch.Tensor
-    topk_weights_TK: torch.Tensor
-    logits_TE: torch.Tensor
 
 
 class Router(nn.Module):
@@ -194,13 +186,13 @@ def fused_native_router_applies(
     correction_bias_E: torch.Tensor | None,
 ) -> bool:
     """fp32 softmax routing on CPU without autograd: logits and top-k in one native call."""
-    return (
-        _plain_softmax_topk(config, correction_bias_E)
-        and x_TH.shape[0] > 0
-        and native.router_inputs_fit(x_TH, weight_EH, bias_E)
-        and not (torch.is_grad_enabled() and (x_TH.requires_grad or weight_EH.requires_grad))
-        and native.available()
-    )
+    plain = _plain_softmax_topk(config, correction_bias_E)
+    if not plain or x_TH.shape[0] == 0:
+        return False  # the cheap exit first: no input checks for routing the kernel cannot do
+    choice = select_router(plain_softmax_topk=plain, num_tokens=x_TH.shape[0],
+                           inputs_fit=native.router_inputs_fit(x_TH, weight_EH, bias_E),
+                           autograd=needs_autograd(x_TH, weight_EH), native_available=native.available())  # fmt: skip
+    return choice.path == "native_fused_router"
 
 
 def _native_softmax_topk_applies(
@@ -209,13 +201,10 @@ def _native_softmax_topk_applies(
     """Plain softmax-then-top-k routing of fp32 CPU logits without autograd: one native
     call instead of five small ops (which cost 2-4x more right after the experts have
     streamed their weights through the caches)."""
-    return (
-        _plain_softmax_topk(config, correction_bias_E)
-        and logits_TE.dtype == torch.float32
-        and logits_TE.device.type == "cpu"
-        and not logits_TE.requires_grad
-        and native.available()
-    )
+    choice = select_router_topk(plain_softmax_topk=_plain_softmax_topk(config, correction_bias_E),
+                                logits_dtype=logits_TE.dtype, device_type=logits_TE.device.type,
+                                autograd=logits_TE.requires_grad, native_available=native.available())  # fmt: skip
+    return choice.path == "native_topk"
 
 
 def router_logits_batch_invariant(config: RouterConfig, x_TH: torch.Tensor, weight_EH: torch.Tensor) -> bool:

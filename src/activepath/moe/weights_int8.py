@@ -35,28 +35,36 @@ Shape legend: S slots, H hidden, I expert intermediate size, E experts, G segmen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from activepath.moe.experts import ActivationConfig, ExpertWeights, gated_activation
 from activepath.kernels.cpu import int8 as native_int8
+from activepath.kernels.policy import needs_autograd
+from activepath.moe.activation import ActivationConfig, gated_activation
+from activepath.moe.weights import ExpertStore, Segments
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Buffers that stay fp32 whatever the module's dtype.
 _FLOAT_BUFFERS = ("scale_gate_up", "scale_down", "bias_gate_up", "bias_down")
 
 
-class Int8ExpertWeights(ExpertWeights):
-    """Stacked int8 expert matrices with per-output-channel fp32 scales, behind the
-    ``ExpertWeights`` interface (plus ``run_segments``, every active expert at once).
+class Int8ExpertWeights(nn.Module):
+    """Stacked int8 expert matrices with per-output-channel fp32 scales: an ``ExpertStore`` of
+    format ``"int8"`` (layout ``"nk"``), a sibling of the float ``ExpertWeights``.
 
-    Built with ``from_weights``; the float weights are not kept. It shares no storage with
-    the float parameters, so nn.Module's float-parameter ``__init__`` is deliberately skipped.
+    Built with ``from_weights`` from any store; the float weights are not kept (it shares no
+    storage with the float parameters).
     """
+
+    format = "int8"
+    layout = "nk"  # the int8 matrices are always quantized into nn.Linear layout
+    # No float-weight biases: this store's biases are the fp32 ``bias_*`` buffers, added after
+    # the rescale, so code written for the float store's ``b_*`` finds none to misapply.
+    b_gate_up: None = None
+    b_down: None = None
 
     q_gate_up: torch.Tensor
     scale_gate_up: torch.Tensor
@@ -65,10 +73,9 @@ class Int8ExpertWeights(ExpertWeights):
     bias_gate_up: torch.Tensor | None
     bias_down: torch.Tensor | None
 
-    def __init__(self, source: ExpertWeights) -> None:  # noqa: D107 - see class docstring
-        nn.Module.__init__(self)
+    def __init__(self, source: ExpertStore) -> None:
+        super().__init__()
         self.activation: ActivationConfig = source.activation
-        self.transposed = False  # int8 matrices are always in nn.Linear layout
         num_experts, hidden, inter = source.num_experts, source.hidden_size, source.intermediate_size
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden, inter
         self._dtype = source.dtype
@@ -84,17 +91,15 @@ class Int8ExpertWeights(ExpertWeights):
         self.register_buffer("scale_gate_up", s_gu)
         self.register_buffer("q_down", q_dn)
         self.register_buffer("scale_down", s_dn)
-        # Biases stay float (added after the rescale), as [E, 2I] / [E, H] fp32 buffers; kept
-        # out of ``b_gate_up``/``b_down`` so float-weight paths never mistake them for their own.
+        # Biases stay float (added after the rescale), as [E, 2I] / [E, H] fp32 buffers.
         biases = [source.biases(e) for e in range(num_experts)]
         for name, j in (("bias_gate_up", 0), ("bias_down", 1)):
             stacked = None if biases[0][j] is None else torch.stack([b[j].detach() for b in biases]).float()
             self.register_buffer(name, stacked)
-        self.b_gate_up = self.b_down = None
         self._fbgemm: dict[int, tuple[torch.ScriptObject, torch.ScriptObject]] = {}  # fallback, packed lazily
 
     @classmethod
-    def from_weights(cls, source: ExpertWeights) -> Int8ExpertWeights:
+    def from_weights(cls, source: ExpertStore) -> Int8ExpertWeights:
         if source.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"int8 experts need float weights, got {source.dtype}")
         return cls(source)
@@ -104,18 +109,26 @@ class Int8ExpertWeights(ExpertWeights):
         return self._dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.q_gate_up.device
+
+    @property
     def weight_bytes_per_expert(self) -> int:
         """Bytes one expert's forward reads: int8 values, fp32 scales and fp32 biases."""
         stored = (self.q_gate_up, self.scale_gate_up, self.q_down, self.scale_down, self.bias_gate_up, self.bias_down)
         return sum(t[0].numel() * t.element_size() for t in stored if t is not None)
 
-    # -- the ExpertWeights interface ---------------------------------------------------
+    # -- the ExpertStore interface -------------------------------------------------------
 
     def gate_up(self, x_SH: torch.Tensor, e: int) -> torch.Tensor:
         return self._linear(x_SH, e, self.q_gate_up, self.scale_gate_up, self.bias_gate_up, 0)
 
     def down(self, h_SI: torch.Tensor, e: int, out_SH: torch.Tensor | None = None) -> torch.Tensor:
         return self._linear(h_SI, e, self.q_down, self.scale_down, self.bias_down, 1, out_SH)
+
+    def mlp(self, x_SH: torch.Tensor, e: int, out_SH: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``e``'s whole gated MLP on ``x_SH``."""
+        return self.down(gated_activation(self.activation, self.gate_up(x_SH, e)), e, out_SH)
 
     def matrices(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized fp32 copies (for the reference backend and tests)."""
@@ -130,14 +143,19 @@ class Int8ExpertWeights(ExpertWeights):
     # -- all active experts at once ------------------------------------------------------
 
     def run_segments(
-        self, x_SH: torch.Tensor, segments_G3: torch.Tensor | Iterable[tuple[int, int, int]]
+        self, x_SH: torch.Tensor, segments_G3: torch.Tensor | Segments, out_SH: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Expert ``e``'s gated MLP on rows ``lo:hi`` of ``x_SH`` for each ``(e, lo, hi)``
-        (a [G, 3] int64 tensor or triples); rows outside every segment are zero.
+        (a [G, 3] int64 tensor or triples); rows outside every segment are zero. Written
+        into ``out_SH`` when given.
 
         With native kernels: one kernel call for every gate/up, the activation, one call for
         every down projection. Otherwise a loop over the segments.
         """
+        y_SH = self._run_segments(x_SH, segments_G3)
+        return y_SH if out_SH is None else out_SH.copy_(y_SH)
+
+    def _run_segments(self, x_SH: torch.Tensor, segments_G3: torch.Tensor | Segments) -> torch.Tensor:
         if not self._native(x_SH):
             out_SH = torch.zeros_like(x_SH)
             triples = segments_G3.tolist() if isinstance(segments_G3, torch.Tensor) else segments_G3
@@ -162,7 +180,7 @@ class Int8ExpertWeights(ExpertWeights):
     def _native(self, x: torch.Tensor) -> bool:
         return (
             x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not needs_autograd(x)
             and self.q_gate_up.device.type == "cpu"
             and native_int8.available()
         )
@@ -185,7 +203,7 @@ class Int8ExpertWeights(ExpertWeights):
             native_int8.grouped_nk_gemm_i8(x32_SK, q_ENK, scale_EN, ((e, 0, x32_SK.shape[0]),), y_SN, bias_EN)
             if direct:
                 return y_SN
-        elif torch.is_grad_enabled() and x_SK.requires_grad:
+        elif needs_autograd(x_SK):
             y_SN = F.linear(x_SK.float(), _dequantize(q_ENK[e], scale_EN[e]), bias_N)
         else:
             y_SN = _qlinear(x_SK, self._packed(e)[which], bias_N)
@@ -216,7 +234,7 @@ class Int8ExpertWeights(ExpertWeights):
         return self
 
 
-def quantize_experts(layer_experts: ExpertWeights, expert_dtype: str) -> ExpertWeights:
+def quantize_experts(layer_experts: ExpertStore, expert_dtype: str) -> ExpertStore:
     """The transform: ``"native"`` returns the weights as they are, ``"int8"`` quantizes them."""
     if expert_dtype == "native":
         return layer_experts

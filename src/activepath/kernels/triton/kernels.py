@@ -1,4 +1,4 @@
-"""Triton kernels of the ``triton`` experts backend (see ``triton_moe``, which loads this
+"""Triton kernels of the ``triton`` experts backend (see ``launch``, which loads this
 module on first use; importing it needs the triton package).
 
 Shape legend: S slots sorted by expert, H hidden, I expert intermediate, E experts; a block
@@ -6,7 +6,7 @@ is a run of at most BLOCK_M sorted slots of one expert.
 
 Each GEMM program finds its own block from the per-expert slot counts (``_block``), so the
 block table is never built on the host: no device → host read, no host → device copy, and
-the grid is sized from S and E alone (see ``triton_moe.max_blocks``).
+the grid is sized from S and E alone (see ``launch.max_blocks``).
 
 IEEE: fp32 operands, multiplied without TF32 rounding. UPCAST: half-precision operands are
 widened to fp32 before ``tl.dot``: exact products and the same fp32 accumulation as a
